@@ -1,0 +1,120 @@
+"""The audit trail.
+
+Admin changes are written in the same transaction as the change itself (`add`), so a change and its
+record commit or roll back together. Vends are many and on the hot path, so they are buffered
+(`AuditLog.record`) and written in batches by a background task, and flushed on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.audit.models import AuditEvent
+from app.core.db import utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    action: str
+    outcome: str
+    actor_client_id: uuid.UUID | None = None
+    team: str | None = None
+    credential: str | None = None
+    cache: str | None = None
+    request_id: str | None = None
+    remote_addr: str | None = None
+    jwt_sha256: str | None = None
+    details: dict[str, Any] | None = None
+    at: dt.datetime = field(default_factory=utcnow)
+
+
+def add(session: AsyncSession, record: AuditRecord) -> None:
+    session.add(AuditEvent(**asdict(record)))
+
+
+class AuditLog:
+    """Buffers records and writes them in batches; `flush` drains everything (shutdown)."""
+
+    def __init__(
+        self, sessionmaker: async_sessionmaker[AsyncSession], *, interval: float = 0.5
+    ) -> None:
+        self._sessionmaker = sessionmaker
+        self._interval = interval
+        self._buffer: list[AuditRecord] = []
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    def record(self, record: AuditRecord) -> None:
+        self._buffer.append(record)
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="audit-writer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.flush()
+            except SQLAlchemyError:
+                log.warning("audit.flush.failed pending=%d", self.pending, exc_info=False)
+
+    async def flush(self) -> None:
+        async with self._lock:
+            batch, self._buffer = self._buffer, []
+            if not batch:
+                return
+            try:
+                async with self._sessionmaker() as session, session.begin():
+                    await session.execute(insert(AuditEvent), [asdict(r) for r in batch])
+            except BaseException:
+                self._buffer[:0] = batch  # keep them for the next attempt; nothing is lost
+                raise
+
+
+async def list_events(
+    session: AsyncSession,
+    *,
+    team: str | None,
+    client_id: uuid.UUID | None,
+    action: str | None,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    limit: int,
+    offset: int,
+) -> Sequence[AuditEvent]:
+    query = select(AuditEvent).order_by(AuditEvent.at.desc(), AuditEvent.id.desc())
+    if team is not None:
+        query = query.where(AuditEvent.team == team)
+    if client_id is not None:
+        query = query.where(AuditEvent.actor_client_id == client_id)
+    if action is not None:
+        query = query.where(AuditEvent.action == action)
+    if since is not None:
+        query = query.where(AuditEvent.at >= since)
+    if until is not None:
+        query = query.where(AuditEvent.at < until)
+    return (await session.scalars(query.limit(limit).offset(offset))).all()

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Annotated
+
+from pydantic import Field, StringConstraints
+
+from app.clients.models import Role
+from app.core.schemas import SLUG_PATTERN, Schema
+
+Grant = Annotated[str, StringConstraints(pattern=rf"{SLUG_PATTERN}|^\*$", max_length=63)]
+Grants = Annotated[
+    list[Grant],
+    Field(
+        max_length=100,
+        description='Team slugs this client may vend for; `["*"]` for every team.',
+        examples=[["acme"]],
+    ),
+]
+
+
+class ClientCreate(Schema):
+    name: str = Field(min_length=1, max_length=100, examples=["billing-service"])
+    role: Role = Role.CLIENT
+    teams: Grants = Field(default_factory=list)
+
+
+class ClientUpdate(Schema):
+    name: str | None = Field(None, min_length=1, max_length=100)
+    role: Role | None = None
+    teams: Grants | None = None
+    disabled: bool | None = None
+
+
+class ClientRead(Schema):
+    id: uuid.UUID
+    name: str
+    role: Role
+    teams: list[str]
+    key_id: str = Field(description="The public part of the client's API key.")
+    disabled: bool
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    last_used_at: dt.datetime | None
+
+
+class ClientWithKey(Schema):
+    client: ClientRead
+    api_key: str = Field(
+        description="The client's API key (`tvk_<key id>_<secret>`). Shown only in this response."
+    )

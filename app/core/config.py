@@ -1,0 +1,119 @@
+"""Settings from `TOKENVEND_*` environment variables and an optional `.env` file."""
+
+from __future__ import annotations
+
+import enum
+from functools import cached_property
+from typing import Annotated
+
+from pydantic import AnyHttpUrl, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.core.crypto import Keyring
+
+
+class LogFormat(enum.StrEnum):
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class Region(enum.StrEnum):
+    EU = "eu"
+    US = "us"
+
+
+Seconds = Annotated[float, Field(gt=0, le=300)]
+
+
+class DatabaseSettings(BaseSettings):
+    """The part of the settings that migrations need."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TOKENVEND_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    database_url: SecretStr = Field(
+        SecretStr("sqlite+aiosqlite:///./tokenvend.db"),
+        description="SQLAlchemy async URL: postgresql+asyncpg://... or sqlite+aiosqlite:///path.",
+    )
+
+
+class Settings(DatabaseSettings):
+    dev: bool = Field(False, description="Development mode (set by `tokenvend serve --dev`).")
+    redis_url: SecretStr | None = Field(
+        None, description="redis:// URL of the shared cache; empty for the in-process cache."
+    )
+    redis_prefix: str = Field("tokenvend:v1:", min_length=1, max_length=64)
+    encryption_keys: SecretStr | None = Field(
+        None, description="Comma-separated `kid:base64-32-bytes`; the first encrypts, all decrypt."
+    )
+    phrase_eu_url: AnyHttpUrl = AnyHttpUrl("https://eu.phrase.com/idm")
+    phrase_us_url: AnyHttpUrl = AnyHttpUrl("https://us.phrase.com/idm")
+    expiry_margin_seconds: int = Field(60, ge=0, le=3600)
+    default_min_ttl_seconds: int = Field(300, ge=0, le=3600)
+    upstream_connect_timeout_seconds: Seconds = 1.0
+    upstream_timeout_seconds: Seconds = 5.0
+    upstream_max_response_bytes: int = Field(64 * 1024, ge=1024, le=10 * 1024 * 1024)
+    lock_ttl_seconds: Seconds = 10.0
+    rejected_retry_seconds: int = Field(
+        60, ge=0, le=86400, description="How long a rejected credential gets 424 without a retry."
+    )
+    db_timeout_seconds: Seconds = 1.0
+    redis_timeout_seconds: Seconds = 0.5
+    bootstrap_admin_key: SecretStr | None = None
+    docs_enabled: bool = True
+    log_level: str = Field("INFO", pattern=r"^(?i:debug|info|warning|error|critical)$")
+    log_format: LogFormat = LogFormat.JSON
+
+    @field_validator("redis_url", "encryption_keys", "bootstrap_admin_key", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("encryption_keys")
+    @classmethod
+    def _keys_parse(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            Keyring.parse(value.get_secret_value())  # raises ValueError with a message, no key
+        return value
+
+    @model_validator(mode="after")
+    def _production_needs_keys(self) -> Settings:
+        if not self.dev and self.encryption_keys is None:
+            raise ValueError(
+                "TOKENVEND_ENCRYPTION_KEYS is required outside dev mode "
+                "(generate one with `tokenvend keys generate`)"
+            )
+        return self
+
+    @cached_property
+    def keyring(self) -> Keyring:
+        assert self.encryption_keys is not None, "dev mode fills encryption_keys before use"
+        return Keyring.parse(self.encryption_keys.get_secret_value())
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.get_secret_value().startswith("sqlite")
+
+    def phrase_url(self, region: Region) -> str:
+        url = self.phrase_eu_url if region is Region.EU else self.phrase_us_url
+        return str(url).rstrip("/")
+
+
+def format_validation_error(exc: Exception) -> list[str]:
+    """One line per bad value, naming the environment variable and never echoing its value."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return [str(exc)]
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        loc = ".".join(str(p) for p in error["loc"])
+        name = f"TOKENVEND_{loc.upper()}" if loc else "configuration"
+        msg = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{name}: {msg}")
+    return lines

@@ -1,0 +1,44 @@
+"""Request-scoped dependencies that read the infrastructure from the app state."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.core.lifespan import Infra
+from app.core.schemas import MAX_PAGE
+
+
+def get_infra(request: Request) -> Infra:
+    infra: Infra = request.app.state.infra
+    return infra
+
+
+InfraDep = Annotated[Infra, Depends(get_infra)]
+
+
+async def get_session(infra: InfraDep) -> AsyncIterator[AsyncSession]:
+    """The request's transaction: committed once when the route returns, rolled back on error."""
+    async with infra.sessionmaker() as session, session.begin():
+        yield session
+
+
+# scope="function": the commit happens before the response is sent, so a failed commit is an
+# error response rather than a success that did not persist.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+class Paging:
+    def __init__(
+        self,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Page size.")] = 50,
+        offset: Annotated[int, Query(ge=0, le=1_000_000, description="Items to skip.")] = 0,
+    ) -> None:
+        self.limit = limit
+        self.offset = offset
+
+
+PagingDep = Annotated[Paging, Depends()]

@@ -1,0 +1,58 @@
+"""The application factory. Nothing runs at import time."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.audit.router import router as audit_router
+from app.clients.router import router as clients_router
+from app.core import problems
+from app.core.config import Settings
+from app.core.lifespan import lifespan
+from app.core.middleware import RequestContextMiddleware
+from app.credentials.router import router as credentials_router
+from app.health.router import router as health_router
+from app.teams.router import router as teams_router
+from app.tokens.router import router as tokens_router
+
+DESCRIPTION = """
+tokenvend keeps teams' Phrase Platform API tokens (encrypted), exchanges them for short-lived
+JWTs at the Phrase IdM (RFC 8693) only when needed, caches the JWTs until shortly before they
+expire, and vends them to internal services.
+
+Authorize with a client API key (`tvk_<key id>_<secret>`). Errors are RFC 9457 problem details
+with a stable `code` and the `request_id`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    docs = settings.docs_enabled
+    app = FastAPI(
+        title="tokenvend",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+        swagger_ui_parameters={"persistAuthorization": True},
+    )
+    app.state.settings = settings
+    problems.install(app)
+    for router in (
+        teams_router,
+        credentials_router,
+        tokens_router,
+        clients_router,
+        audit_router,
+        health_router,
+    ):
+        app.include_router(router)
+    if settings.dev:
+        from app.integrations.phrase.dev_idm import create_dev_idm_app
+
+        app.mount("/dev-idm", create_dev_idm_app())
+    app.add_middleware(RequestContextMiddleware)
+    return app
