@@ -81,6 +81,15 @@ class Settings(DatabaseSettings):
             Keyring.parse(value.get_secret_value())  # raises ValueError with a message, no key
         return value
 
+    @field_validator("bootstrap_admin_key")
+    @classmethod
+    def _key_format(cls, value: SecretStr | None) -> SecretStr | None:
+        from app.auth.keys import parse_key_id
+
+        if value is not None and parse_key_id(value.get_secret_value()) is None:
+            raise ValueError("must be a client key `tvk_<16 hex>_<43 url-safe characters>`")
+        return value
+
     @model_validator(mode="after")
     def _production_needs_keys(self) -> Settings:
         if not self.dev and self.encryption_keys is None:

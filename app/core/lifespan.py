@@ -72,6 +72,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             http,
             {region: settings.phrase_url(region) for region in Region},
             max_response_bytes=settings.upstream_max_response_bytes,
+            # httpx's timeouts are per step; this bounds the whole exchange, slow drips included.
+            total_timeout=settings.upstream_timeout_seconds,
         )
         broker = Broker(
             cache=cache,

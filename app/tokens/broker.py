@@ -75,6 +75,12 @@ def expiry_of(access_token: str, requested_at: float, expires_in: int) -> float:
     return by_expires_in if exp is None else min(by_expires_in, exp)
 
 
+def cache_ttl(expires_at: float, margin: float, now: float) -> float:
+    """How long a JWT may sit in the cache: until `margin` seconds before it expires, so that
+    no reader can ever get it expired. Zero or less means: don't cache it."""
+    return expires_at - margin - now
+
+
 class Broker:
     def __init__(
         self,
