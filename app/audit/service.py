@@ -41,8 +41,15 @@ class AuditRecord:
     at: dt.datetime = field(default_factory=utcnow)
 
 
+CHANGED = "tokenvend.changed"
+
+
 def add(session: AsyncSession, record: AuditRecord) -> None:
+    """Record an admin change in the change's own transaction. Every admin change is audited, so
+    this also marks the session: its commit is followed by a flush of every replica's in-process
+    caches (`app.core.deps.get_session`)."""
     session.add(AuditEvent(**asdict(record)))
+    session.info[CHANGED] = True
 
 
 class AuditLog:

@@ -62,6 +62,30 @@ class Settings(DatabaseSettings):
     rejected_retry_seconds: int = Field(
         60, ge=0, le=86400, description="How long a rejected credential gets 424 without a retry."
     )
+    request_deadline_seconds: Seconds = Field(
+        8.0, description="Longest a vend may take, retries and waits for other exchanges included."
+    )
+    upstream_retries: int = Field(2, ge=0, le=10)
+    upstream_backoff_base_seconds: Seconds = 0.2
+    upstream_backoff_max_seconds: Seconds = 2.0
+    retry_after_cap_seconds: Seconds = 5.0
+    circuit_failure_threshold: int = Field(5, ge=1, le=1000)
+    circuit_window_seconds: Seconds = 30.0
+    circuit_cooldown_seconds: Seconds = 10.0
+    refresh_fraction: float = Field(0.5, gt=0, lt=1)
+    refresh_jitter: float = Field(0.1, ge=0, lt=0.5)
+    refresh_window_seconds: int = Field(
+        3600,
+        ge=60,
+        le=7 * 86400,
+        description="Only credentials vended this recently are refreshed.",
+    )
+    refresh_interval_seconds: Seconds = 1.0
+    local_trust_seconds: Seconds = Field(
+        2.0, description="How long in-process caches trust themselves without hearing from Redis."
+    )
+    webhook_url: AnyHttpUrl | None = None
+    webhook_secret: SecretStr | None = None
     db_timeout_seconds: Seconds = 1.0
     redis_timeout_seconds: Seconds = 0.5
     bootstrap_admin_key: SecretStr | None = None
@@ -69,7 +93,14 @@ class Settings(DatabaseSettings):
     log_level: str = Field("INFO", pattern=r"^(?i:debug|info|warning|error|critical)$")
     log_format: LogFormat = LogFormat.JSON
 
-    @field_validator("redis_url", "encryption_keys", "bootstrap_admin_key", mode="before")
+    @field_validator(
+        "redis_url",
+        "encryption_keys",
+        "bootstrap_admin_key",
+        "webhook_url",
+        "webhook_secret",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
@@ -89,6 +120,12 @@ class Settings(DatabaseSettings):
         if value is not None and parse_key_id(value.get_secret_value()) is None:
             raise ValueError("must be a client key `tvk_<16 hex>_<43 url-safe characters>`")
         return value
+
+    @model_validator(mode="after")
+    def _webhook_needs_secret(self) -> Settings:
+        if self.webhook_url is not None and self.webhook_secret is None:
+            raise ValueError("TOKENVEND_WEBHOOK_SECRET is required with TOKENVEND_WEBHOOK_URL")
+        return self
 
     @model_validator(mode="after")
     def _production_needs_keys(self) -> Settings:

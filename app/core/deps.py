@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.audit.service import CHANGED
 from app.core.lifespan import Infra
 from app.core.schemas import MAX_PAGE
 
@@ -21,9 +22,13 @@ InfraDep = Annotated[Infra, Depends(get_infra)]
 
 
 async def get_session(infra: InfraDep) -> AsyncIterator[AsyncSession]:
-    """The request's transaction: committed once when the route returns, rolled back on error."""
-    async with infra.sessionmaker() as session, session.begin():
-        yield session
+    """The request's transaction: committed once when the route returns, rolled back on error.
+    After a committed admin change, every replica's in-process caches are flushed."""
+    async with infra.sessionmaker() as session:
+        async with session.begin():
+            yield session
+        if session.info.get(CHANGED):
+            await infra.invalidation.publish()
 
 
 # scope="function": the commit happens before the response is sent, so a failed commit is an

@@ -13,13 +13,19 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.audit.service import AuditLog
+from app.audit.service import AuditLog, AuditRecord
+from app.auth.service import Authenticator
 from app.clients.service import ensure_admin_key
 from app.core.config import Region, Settings
 from app.core.db import create_engine, create_sessionmaker
+from app.core.localcache import Invalidation
 from app.integrations.phrase.client import PhraseIdmClient, build_http_client
-from app.tokens.broker import Broker
-from app.tokens.cache import MemoryCache, RedisCache, TokenCache
+from app.integrations.webhook import WebhookNotifier
+from app.tokens.broker import Broker, CredentialSnapshot, RetryPolicy
+from app.tokens.cache import RedisCache, TieredCache
+from app.tokens.circuit import CircuitBreaker
+from app.tokens.lookup import CredentialDirectory
+from app.tokens.refresher import Refresher
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +35,12 @@ class Infra:
     settings: Settings
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
-    cache: TokenCache
+    cache: TieredCache
+    invalidation: Invalidation
+    authenticator: Authenticator
+    directory: CredentialDirectory
     broker: Broker
+    refresher: Refresher
     audit: AuditLog
 
 
@@ -56,12 +66,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.push_async_callback(engine.dispose)
         sessionmaker = create_sessionmaker(engine)
 
-        cache: TokenCache
-        if settings.redis_url is not None:
-            cache = RedisCache(create_redis(settings), settings.keyring, settings.redis_prefix)
-        else:
-            cache = MemoryCache()
-        stack.push_async_callback(cache.close)
+        redis = create_redis(settings) if settings.redis_url is not None else None
+        if redis is not None:
+            stack.push_async_callback(redis.aclose)
+        invalidation = Invalidation(
+            redis, f"{settings.redis_prefix}invalidate", settings.local_trust_seconds
+        )
+        await invalidation.start()
+        stack.push_async_callback(invalidation.stop)
+        shared = None
+        if redis is not None:
+            shared = RedisCache(redis, settings.keyring, settings.redis_prefix)
+        cache = TieredCache(shared, invalidation)
 
         http = build_http_client(
             connect_timeout=settings.upstream_connect_timeout_seconds,
@@ -75,18 +91,77 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             # httpx's timeouts are per step; this bounds the whole exchange, slow drips included.
             total_timeout=settings.upstream_timeout_seconds,
         )
+        audit = AuditLog(sessionmaker)
+        await audit.start()
+        stack.push_async_callback(audit.stop)
+
+        notifier = None
+        if settings.webhook_url is not None and settings.webhook_secret is not None:
+            notifier = WebhookNotifier(str(settings.webhook_url), settings.webhook_secret, http)
+            stack.push_async_callback(notifier.drain)
+
+        def status_changed(cred: CredentialSnapshot, event: str, code: str | None) -> None:
+            audit.record(
+                AuditRecord(
+                    action=event,
+                    outcome=code or "ok",
+                    team=cred.team,
+                    credential=cred.name,
+                    details={"region": cred.region.value, "version": cred.version},
+                )
+            )
+            invalidation.publish_soon()  # cached snapshots carry the old status
+            if notifier is not None:
+                notifier.notify(
+                    event,
+                    {
+                        "team": cred.team,
+                        "credential": cred.name,
+                        "region": cred.region.value,
+                        "error": code,
+                    },
+                )
+
+        breaker = CircuitBreaker(
+            redis,
+            settings.redis_prefix,
+            cache.gate,
+            threshold=settings.circuit_failure_threshold,
+            window=settings.circuit_window_seconds,
+            cooldown=settings.circuit_cooldown_seconds,
+        )
         broker = Broker(
             cache=cache,
             idm=idm,
+            breaker=breaker,
             keyring=settings.keyring,
             sessionmaker=sessionmaker,
             expiry_margin=settings.expiry_margin_seconds,
             lock_ttl=settings.lock_ttl_seconds,
             rejected_retry=settings.rejected_retry_seconds,
+            deadline=settings.request_deadline_seconds,
+            retry=RetryPolicy(
+                retries=settings.upstream_retries,
+                backoff_base=settings.upstream_backoff_base_seconds,
+                backoff_max=settings.upstream_backoff_max_seconds,
+                retry_after_cap=settings.retry_after_cap_seconds,
+            ),
+            refresh_fraction=settings.refresh_fraction,
+            refresh_jitter=settings.refresh_jitter,
+            on_status_change=status_changed,
         )
-        audit = AuditLog(sessionmaker)
-        await audit.start()
-        stack.push_async_callback(audit.stop)
+        directory = CredentialDirectory(sessionmaker, invalidation)
+        refresher = Refresher(
+            broker=broker,
+            cache=cache,
+            directory=directory,
+            redis=redis,
+            prefix=settings.redis_prefix,
+            interval=settings.refresh_interval_seconds,
+            window=settings.refresh_window_seconds,
+        )
+        await refresher.start()
+        stack.push_async_callback(refresher.stop)
 
         if settings.bootstrap_admin_key is not None:
             async with sessionmaker() as session, session.begin():
@@ -95,7 +170,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 )
             log.info("auth.bootstrap_admin %s", "created" if created else "present")
 
-        app.state.infra = Infra(settings, engine, sessionmaker, cache, broker, audit)
+        app.state.infra = Infra(
+            settings=settings,
+            engine=engine,
+            sessionmaker=sessionmaker,
+            cache=cache,
+            invalidation=invalidation,
+            authenticator=Authenticator(sessionmaker, invalidation),
+            directory=directory,
+            broker=broker,
+            refresher=refresher,
+            audit=audit,
+        )
         log.info("service.started cache=%s", cache.name)
         yield
         log.info("service.stopping")

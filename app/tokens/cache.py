@@ -9,8 +9,13 @@ Redis layout, under the configured prefix (default `tokenvend:v1:`):
   rotation orphans every older entry.
 - `expiry`: a sorted set of `<id>:<version>` scored by `expires_at`: the cache keyed by expiry,
   for refresh scheduling and status views.
+- `refresh`: a sorted set of `<id>:<version>` scored by when the proactive refresher should
+  exchange it anew (a fraction of its lifetime, jittered); a tick reads only what is due.
+- `vended`: a sorted set of credential ids scored by when they were last vended (batched once a
+  second per replica), so only credentials in use are refreshed.
 - `{cred:<id>}:lock`: the single-flight lock, an owner token set with `SET NX PX` and released
   by compare-and-delete.
+- `{cred:<id>}:rejected:<version>`: the negative cache of an API token the IdM refused.
 
 The `{cred:<id>}` hash tag keeps one credential's entry and lock on one Redis Cluster shard.
 """
@@ -18,15 +23,22 @@ The `{cred:<id>}` hash tag keeps one credential's entry and lock on one Redis Cl
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar, cast
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from app.core.crypto import DecryptionFailed, Keyring, Sealed
+from app.core.localcache import Invalidation
+from app.metrics.registry import CACHE_FALLBACKS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +56,8 @@ class CachedJwt:
 class TokenCache(Protocol):
     """The one interface of both backends. `ttl` is how long an entry may be served, in seconds."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     async def get(self, cred_id: uuid.UUID, version: int) -> CachedJwt | None: ...
 
@@ -119,6 +132,9 @@ class MemoryCache:
     async def ping(self) -> None:
         return None
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     async def close(self) -> None:
         self._entries.clear()
 
@@ -149,6 +165,8 @@ class RedisCache:
         self._keyring = keyring
         self._prefix = prefix
         self._expiry_key = f"{prefix}expiry"
+        self._refresh_key = f"{prefix}refresh"
+        self._vended_key = f"{prefix}vended"
         self._put = redis.register_script(_PUT_IF_NEWER)
         self._unlock = redis.register_script(_COMPARE_AND_DELETE)
 
@@ -188,8 +206,12 @@ class RedisCache:
         return bool(stored)
 
     async def purge(self, cred_id: uuid.UUID, version: int) -> None:
-        await self._redis.delete(self.entry_key(cred_id, version))
-        await self._redis.zrem(self._expiry_key, f"{cred_id}:{version}")
+        member = f"{cred_id}:{version}"
+        await self._redis.delete(
+            self.entry_key(cred_id, version), self.rejected_key(cred_id, version)
+        )
+        await self._redis.zrem(self._expiry_key, member)
+        await self._redis.zrem(self._refresh_key, member)
 
     async def expires_at(self, cred_id: uuid.UUID, version: int) -> float | None:
         exp = await self._redis.hget(self.entry_key(cred_id, version), "exp")
@@ -203,8 +225,250 @@ class RedisCache:
     async def unlock(self, cred_id: uuid.UUID, owner: str) -> None:
         await self._unlock(keys=[self.lock_key(cred_id)], args=[owner])
 
+    async def ttl(self, cred_id: uuid.UUID, version: int) -> float:
+        pttl = await self._redis.pttl(self.entry_key(cred_id, version))
+        return max(0.0, pttl / 1000)
+
+    def rejected_key(self, cred_id: uuid.UUID, version: int) -> str:
+        return f"{self._prefix}{{cred:{cred_id}}}:rejected:{version}"
+
+    async def rejected(self, cred_id: uuid.UUID, version: int) -> str | None:
+        code = await self._redis.get(self.rejected_key(cred_id, version))
+        return code.decode() if isinstance(code, bytes) else None
+
+    async def set_rejected(self, cred_id: uuid.UUID, version: int, code: str, ttl: float) -> None:
+        await self._redis.set(self.rejected_key(cred_id, version), code, px=int(ttl * 1000))
+
+    async def schedule_refresh(self, cred_id: uuid.UUID, version: int, due: float) -> None:
+        await self._redis.zadd(self._refresh_key, {f"{cred_id}:{version}": due})
+
+    async def unschedule(self, cred_id: uuid.UUID, version: int) -> None:
+        await self._redis.zrem(self._refresh_key, f"{cred_id}:{version}")
+
+    async def due_refreshes(self, now: float, limit: int) -> list[tuple[uuid.UUID, int, float]]:
+        rows = await self._redis.zrangebyscore(
+            self._refresh_key, "-inf", now, start=0, num=limit, withscores=True
+        )
+        due = []
+        for member, score in cast(list[tuple[bytes, float]], rows):
+            cid, _, version = member.decode().partition(":")
+            due.append((uuid.UUID(cid), int(version), float(score)))
+        return due
+
+    async def mark_vended(self, cred_ids: Iterable[uuid.UUID], at: float) -> None:
+        await self._redis.zadd(self._vended_key, {str(c): at for c in cred_ids}, gt=True)
+
+    async def last_vended(self, cred_id: uuid.UUID) -> float | None:
+        score = await self._redis.zscore(self._vended_key, str(cred_id))
+        return None if score is None else float(score)
+
     async def ping(self) -> None:
         await asyncio.wait_for(self._redis.ping(), timeout=1.0)
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+class RedisGate:
+    """Decides whether to try Redis: after a failure, requests skip it for `backoff` seconds, then
+    one probe goes through; its success ends the degradation. So a dead or hung Redis costs one
+    timeout per `backoff`, not one per request, and recovery needs no restart."""
+
+    def __init__(self, backoff: float = 1.0) -> None:
+        self._backoff = backoff
+        self._retry_at = 0.0
+        self._probing = False
+        self.degraded = False
+
+    def allow(self) -> bool:
+        if not self.degraded:
+            return True
+        if self._probing or time.monotonic() < self._retry_at:
+            return False
+        self._probing = True
+        return True
+
+    def ok(self) -> None:
+        if self.degraded:
+            log.warning("cache.redis.recovered")
+        self.degraded = self._probing = False
+
+    def failed(self, operation: str, exc: BaseException) -> None:
+        if not self.degraded:
+            log.warning("cache.redis.degraded operation=%s error=%s", operation, type(exc).__name__)
+        self.degraded, self._probing = True, False
+        self._retry_at = time.monotonic() + self._backoff
+
+    def release(self) -> None:
+        """A probe that ended without a verdict (cancelled) lets the next one through."""
+        self._probing = False
+
+
+REDIS_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+T = TypeVar("T")
+
+
+class TieredCache:
+    """What the broker talks to: the JWT in process memory (L1) in front of Redis (L2, shared).
+
+    L1 entries are keyed by credential id and version, so a rotation (new version, read from the
+    database) can never be answered from L1. Flushes from `Invalidation` clear L1 (evictions).
+    When Redis fails, every operation falls back to process memory: JWTs, locks (then only the
+    in-process single flight holds: at most one exchange per process), the rejected-credential
+    negative cache and the refresh schedule.
+    """
+
+    def __init__(
+        self,
+        shared: RedisCache | None,
+        invalidation: Invalidation,
+        *,
+        gate: RedisGate | None = None,
+    ) -> None:
+        self.shared = shared
+        self.local = MemoryCache()
+        self.gate = gate or RedisGate()
+        self._inv = invalidation
+        self._epoch = invalidation.epoch
+        self._rejected: dict[tuple[uuid.UUID, int], tuple[str, float]] = {}
+        self._due: dict[tuple[uuid.UUID, int], float] = {}
+        self._vended: dict[uuid.UUID, float] = {}
+        self._vended_unsent: set[uuid.UUID] = set()
+
+    @property
+    def name(self) -> str:
+        return "redis" if self.shared is not None else "memory"
+
+    @property
+    def degraded(self) -> bool:
+        return self.gate.degraded
+
+    async def _try(
+        self, operation: str, call: Callable[[RedisCache], Awaitable[T]]
+    ) -> tuple[bool, T | None]:
+        """(True, result) from Redis, or (False, None) when Redis is absent, skipped or failing."""
+        if self.shared is None:
+            return False, None
+        if not self.gate.allow():
+            CACHE_FALLBACKS.labels(operation).inc()
+            return False, None
+        try:
+            result = await call(self.shared)
+        except REDIS_FAILURES as exc:
+            self.gate.failed(operation, exc)
+            CACHE_FALLBACKS.labels(operation).inc()
+            return False, None
+        except BaseException:
+            self.gate.release()
+            raise
+        self.gate.ok()
+        return True, result
+
+    def _local(self) -> MemoryCache:
+        if self._epoch != self._inv.epoch:
+            self._epoch = self._inv.epoch
+            self.local.clear()
+        return self.local
+
+    async def get(self, cred_id: uuid.UUID, version: int) -> CachedJwt | None:
+        local = self._local()
+        jwt = await local.get(cred_id, version)
+        if jwt is not None:
+            return jwt
+        ok, jwt = await self._try("get", lambda r: r.get(cred_id, version))
+        if ok and jwt is not None:
+            ttl = await self._try_ttl(cred_id, version)
+            await local.put(cred_id, version, jwt, ttl)
+        return jwt
+
+    async def _try_ttl(self, cred_id: uuid.UUID, version: int) -> float:
+        ok, ttl = await self._try("ttl", lambda r: r.ttl(cred_id, version))
+        return ttl if ok and ttl is not None else 0.0
+
+    async def get_shared(self, cred_id: uuid.UUID, version: int) -> CachedJwt | None:
+        """The JWT every replica sees (L2), falling back to L1 when Redis is unavailable."""
+        if self.shared is None:
+            return await self._local().get(cred_id, version)
+        ok, jwt = await self._try("get", lambda r: r.get(cred_id, version))
+        return jwt if ok else await self._local().get(cred_id, version)
+
+    async def put(self, cred_id: uuid.UUID, version: int, jwt: CachedJwt, ttl: float) -> bool:
+        await self._local().put(cred_id, version, jwt, ttl)
+        ok, stored = await self._try("put", lambda r: r.put(cred_id, version, jwt, ttl))
+        return bool(stored) if ok else True
+
+    async def purge(self, cred_id: uuid.UUID, version: int) -> None:
+        await self.local.purge(cred_id, version)
+        self._due.pop((cred_id, version), None)
+        await self._try("purge", lambda r: r.purge(cred_id, version))
+
+    async def expires_at(self, cred_id: uuid.UUID, version: int) -> float | None:
+        ok, exp = await self._try("expires_at", lambda r: r.expires_at(cred_id, version))
+        return exp if ok else await self.local.expires_at(cred_id, version)
+
+    async def try_lock(self, cred_id: uuid.UUID, ttl: float) -> str | None:
+        ok, owner = await self._try("lock", lambda r: r.try_lock(cred_id, ttl))
+        return owner if ok else LOCAL_OWNER
+
+    async def unlock(self, cred_id: uuid.UUID, owner: str) -> None:
+        if owner != LOCAL_OWNER:
+            await self._try("unlock", lambda r: r.unlock(cred_id, owner))
+
+    async def rejected(self, cred_id: uuid.UUID, version: int) -> str | None:
+        ok, code = await self._try("rejected", lambda r: r.rejected(cred_id, version))
+        if ok:
+            return code
+        found = self._rejected.get((cred_id, version))
+        return found[0] if found and found[1] > time.monotonic() else None
+
+    async def set_rejected(self, cred_id: uuid.UUID, version: int, code: str, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        self._rejected[(cred_id, version)] = (code, time.monotonic() + ttl)
+        await self._try("set_rejected", lambda r: r.set_rejected(cred_id, version, code, ttl))
+
+    async def schedule_refresh(self, cred_id: uuid.UUID, version: int, due: float) -> None:
+        self._due[(cred_id, version)] = due
+        await self._try("schedule", lambda r: r.schedule_refresh(cred_id, version, due))
+
+    async def unschedule(self, cred_id: uuid.UUID, version: int) -> None:
+        self._due.pop((cred_id, version), None)
+        await self._try("unschedule", lambda r: r.unschedule(cred_id, version))
+
+    async def due_refreshes(self, now: float, limit: int) -> list[tuple[uuid.UUID, int, float]]:
+        ok, due = await self._try("due", lambda r: r.due_refreshes(now, limit))
+        if ok and due is not None:
+            return due
+        local = sorted((d, c, v) for (c, v), d in self._due.items() if d <= now)[:limit]
+        return [(c, v, d) for d, c, v in local]
+
+    def note_vended(self, cred_id: uuid.UUID) -> None:
+        """Cheap: a set add on the hot path; `flush_vended` ships the set to Redis once a tick."""
+        self._vended_unsent.add(cred_id)
+
+    async def flush_vended(self) -> None:
+        if not self._vended_unsent:
+            return
+        now = time.time()
+        batch, self._vended_unsent = self._vended_unsent, set()
+        for cred_id in batch:
+            self._vended[cred_id] = now
+        await self._try("vended", lambda r: r.mark_vended(batch, now))
+
+    async def last_vended(self, cred_id: uuid.UUID) -> float | None:
+        ok, at = await self._try("vended", lambda r: r.last_vended(cred_id))
+        local = self._vended.get(cred_id)
+        if ok and at is not None:
+            return max(at, local or 0.0)
+        return local
+
+    async def ping(self) -> None:
+        if self.shared is not None:
+            await self.shared.ping()
+
+    async def close(self) -> None:
+        if self.shared is not None:
+            await self.shared.close()
+
+
+LOCAL_OWNER = "local"

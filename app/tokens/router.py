@@ -17,8 +17,8 @@ from app.core.jwt import fingerprint
 from app.core.problems import responses
 from app.core.schemas import SLUG_PATTERN
 from app.credentials.service import evict_jwt, find_for_vend
+from app.metrics.registry import VENDS
 from app.teams.router import TeamSlug
-from app.tokens.broker import CredentialSnapshot
 from app.tokens.schemas import ISSUED_TOKEN_TYPE, EvictResponse, TokenResponse
 
 router = APIRouter(prefix="/v1/teams/{team}/token", tags=["tokens"])
@@ -58,22 +58,32 @@ async def get_token(
             description="Minimum remaining lifetime in seconds (default from settings).",
         ),
     ] = None,
+    rejected_sha256: Annotated[
+        str | None,
+        Query(
+            pattern=r"^[0-9a-fA-F]{64}$",
+            description="SHA-256 (hex) of a JWT that Phrase refused: a new JWT is exchanged only "
+            "if the cached one has this hash, so many callers reporting it cause one exchange.",
+        ),
+    ] = None,
 ) -> Response:
     """A JWT for the team's credential with at least `min_ttl` seconds to live: from the cache when
     one is there, otherwise exchanged at the Phrase IdM (one exchange however many ask at once)."""
     ensure_team_access(request, client, team, infra.audit)
     wanted = infra.settings.default_min_ttl_seconds if min_ttl is None else min_ttl
     record = request_record(request, "token.vend", team=team, credential=credential)
+    if rejected_sha256 is not None:
+        record.details = {"rejected_sha256": rejected_sha256[:16]}
     try:
-        # A short transaction of its own: no pooled connection is held while the exchange runs.
-        async with infra.sessionmaker() as session:
-            cred = await find_for_vend(session, team, credential)
-        vended = await infra.broker.vend(CredentialSnapshot.of(cred), wanted)
+        cred = await infra.directory.find(team, credential)
+        vended = await infra.broker.vend(cred, wanted, rejected_sha256=rejected_sha256)
     except TokenvendError as exc:
+        VENDS.labels("error").inc()
         record.outcome = exc.code
         infra.audit.record(record)
         raise
     jwt = vended.jwt
+    VENDS.labels("stale" if infra.cache.degraded and vended.cache == "hit" else vended.cache).inc()
     record.cache, record.jwt_sha256 = vended.cache, fingerprint(jwt.access_token)
     infra.audit.record(record)
     body = {

@@ -1,0 +1,75 @@
+"""Authenticating client keys, from process memory when trusted (see `app.core.localcache`).
+
+A key is looked up by its key id and its digest compared in constant time. Successful lookups are
+cached under the key's digest, so a cached entry can only be found by presenting the exact key;
+disabling, deleting or rotating the client flushes every replica's cache after the commit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.auth import keys
+from app.clients.models import ALL_TEAMS, Role
+from app.clients.service import find_by_key_id
+from app.core.db import utcnow
+from app.core.localcache import Invalidation, LocalCache
+
+LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The authenticated caller, detached from any database session."""
+
+    id: uuid.UUID
+    name: str
+    role: Role
+    teams: frozenset[str]
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role is Role.ADMIN
+
+    def may_access(self, team: str) -> bool:
+        return self.role is Role.ADMIN or ALL_TEAMS in self.teams or team in self.teams
+
+
+class Authenticator:
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        invalidation: Invalidation,
+        *,
+        max_age: float = 60.0,
+        max_entries: int = 10_000,
+    ) -> None:
+        self._sessionmaker = sessionmaker
+        self._inv = invalidation
+        self._cache: LocalCache[str, Principal] = LocalCache(
+            invalidation, max_age=max_age, max_entries=max_entries
+        )
+
+    async def authenticate(self, key: str) -> Principal | None:
+        key_id = keys.parse_key_id(key)
+        if key_id is None:
+            return None
+        digest = keys.digest(key)
+        principal = self._cache.get(digest)
+        if principal is not None:
+            return principal
+        epoch = self._inv.epoch
+        async with self._sessionmaker() as session, session.begin():
+            client = await find_by_key_id(session, key_id)
+            if client is None or client.disabled or not keys.verify(key, client.key_digest):
+                return None
+            now = utcnow()
+            if client.last_used_at is None or now - client.last_used_at > LAST_USED_RESOLUTION:
+                client.last_used_at = now  # coarse: at most once a minute per replica
+            principal = Principal(client.id, client.name, client.role, frozenset(client.teams))
+        self._cache.put(digest, principal, epoch)
+        return principal
