@@ -127,6 +127,11 @@ def serve(
         )
     if not dev and settings.is_sqlite:
         upgrade_database(settings.database_url.get_secret_value())
+    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Each worker writes its samples here; /metrics sums them (set before any metric exists).
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tokenvend-metrics-")
     from app.core.logging import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)

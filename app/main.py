@@ -13,6 +13,7 @@ from app.core.lifespan import lifespan
 from app.core.middleware import RequestContextMiddleware
 from app.credentials.router import router as credentials_router
 from app.health.router import router as health_router
+from app.metrics.router import router as metrics_router
 from app.teams.router import router as teams_router
 from app.tokens.router import router as tokens_router
 
@@ -50,6 +51,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         health_router,
     ):
         app.include_router(router)
+    if settings.metrics_enabled:
+        app.include_router(metrics_router)
     if settings.dev:
         from app.integrations.phrase.dev_idm import create_dev_idm_app
 

@@ -90,6 +90,7 @@ class Settings(DatabaseSettings):
     redis_timeout_seconds: Seconds = 0.5
     bootstrap_admin_key: SecretStr | None = None
     docs_enabled: bool = True
+    metrics_enabled: bool = Field(True, description="Serve /metrics (unauthenticated).")
     log_level: str = Field("INFO", pattern=r"^(?i:debug|info|warning|error|critical)$")
     log_format: LogFormat = LogFormat.JSON
 
