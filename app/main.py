@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.audit.router import router as audit_router
@@ -10,7 +11,7 @@ from app.clients.router import router as clients_router
 from app.core import problems
 from app.core.config import Settings
 from app.core.lifespan import lifespan
-from app.core.middleware import RequestContextMiddleware
+from app.core.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.credentials.router import router as credentials_router
 from app.health.router import router as health_router
 from app.metrics.router import router as metrics_router
@@ -57,5 +58,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from app.integrations.phrase.dev_idm import create_dev_idm_app
 
         app.mount("/dev-idm", create_dev_idm_app())
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+        )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Outermost, so even a 413 carries the request id and the security headers.
     app.add_middleware(RequestContextMiddleware)
     return app

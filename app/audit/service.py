@@ -3,6 +3,11 @@
 Admin changes are written in the same transaction as the change itself (`add`), so a change and its
 record commit or roll back together. Vends are many and on the hot path, so they are buffered
 (`AuditLog.record`) and written in batches by a background task, and flushed on shutdown.
+
+Nothing buffered is dropped: a failed batch goes back to the buffer. The buffer rides out a short
+database outage, but it is bounded: once `max_pending` events wait, or writes have failed for
+`max_unwritten_seconds`, `accepting()` turns false and the token routes refuse to vend (fail
+closed) until the trail can be written again.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.audit.models import AuditEvent
 from app.core.db import utcnow
+from app.core.errors import DependencyUnavailable
+from app.metrics.registry import AUDIT_PENDING
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +60,51 @@ def add(session: AsyncSession, record: AuditRecord) -> None:
     session.info[CHANGED] = True
 
 
+class AuditUnavailable(DependencyUnavailable):
+    code = "audit-unavailable"
+    title = "Audit trail unavailable"
+
+
 class AuditLog:
     """Buffers records and writes them in batches; `flush` drains everything (shutdown)."""
 
     def __init__(
-        self, sessionmaker: async_sessionmaker[AsyncSession], *, interval: float = 0.5
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        *,
+        interval: float = 0.5,
+        batch: int = 500,
+        max_pending: int = 20_000,
+        max_unwritten_seconds: float = 30.0,
     ) -> None:
         self._sessionmaker = sessionmaker
         self._interval = interval
+        self._batch = batch
+        self._max_pending = max_pending
+        self._max_unwritten = max_unwritten_seconds
         self._buffer: list[AuditRecord] = []
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._failing_since: float | None = None
 
     def record(self, record: AuditRecord) -> None:
         self._buffer.append(record)
+        if len(self._buffer) >= self._batch:
+            self._wake.set()
+
+    def accepting(self) -> bool:
+        """False when another vend could not be audited in time: the caller must refuse."""
+        if len(self._buffer) >= self._max_pending:
+            return False
+        failing = self._failing_since
+        return failing is None or time.monotonic() - failing < self._max_unwritten
+
+    def ensure_accepting(self) -> None:
+        if not self.accepting():
+            raise AuditUnavailable(
+                "the audit trail cannot be written; tokens are not vended unaudited", retry_after=5
+            )
 
     @property
     def pending(self) -> int:
@@ -83,11 +122,15 @@ class AuditLog:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self._interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
+            self._wake.clear()
             try:
                 await self.flush()
-            except SQLAlchemyError:
-                log.warning("audit.flush.failed pending=%d", self.pending, exc_info=False)
+            except (SQLAlchemyError, OSError):
+                log.warning("audit.flush.failed pending=%d", self.pending)
+            AUDIT_PENDING.set(self.pending)
 
     async def flush(self) -> None:
         async with self._lock:
@@ -99,7 +142,10 @@ class AuditLog:
                     await session.execute(insert(AuditEvent), [asdict(r) for r in batch])
             except BaseException:
                 self._buffer[:0] = batch  # keep them for the next attempt; nothing is lost
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
                 raise
+            self._failing_since = None
 
 
 async def list_events(

@@ -90,6 +90,11 @@ class Settings(DatabaseSettings):
     redis_timeout_seconds: Seconds = 0.5
     bootstrap_admin_key: SecretStr | None = None
     docs_enabled: bool = True
+    max_body_bytes: int = Field(65536, ge=1024, le=10 * 1024 * 1024)
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed by CORS (JSON list); empty: no CORS headers, browsers refuse.",
+    )
     metrics_enabled: bool = Field(True, description="Serve /metrics (unauthenticated).")
     log_level: str = Field("INFO", pattern=r"^(?i:debug|info|warning|error|critical)$")
     log_format: LogFormat = LogFormat.JSON
@@ -160,7 +165,7 @@ def format_validation_error(exc: Exception) -> list[str]:
     lines = []
     for error in exc.errors(include_input=False, include_url=False):
         loc = ".".join(str(p) for p in error["loc"])
-        name = f"TOKENVEND_{loc.upper()}" if loc else "configuration"
         msg = error["msg"].removeprefix("Value error, ")
-        lines.append(f"{name}: {msg}")
+        # Checks across fields name their variables in the message itself.
+        lines.append(f"TOKENVEND_{loc.upper()}: {msg}" if loc else msg)
     return lines

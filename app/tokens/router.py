@@ -70,6 +70,7 @@ async def get_token(
     """A JWT for the team's credential with at least `min_ttl` seconds to live: from the cache when
     one is there, otherwise exchanged at the Phrase IdM (one exchange however many ask at once)."""
     ensure_team_access(request, client, team, infra.audit)
+    infra.audit.ensure_accepting()
     wanted = infra.settings.default_min_ttl_seconds if min_ttl is None else min_ttl
     record = request_record(request, "token.vend", team=team, credential=credential)
     if rejected_sha256 is not None:
