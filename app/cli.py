@@ -9,11 +9,17 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
 from app.core.config import DatabaseSettings, Settings, format_validation_error
+
+if TYPE_CHECKING:
+    from app.credentials.rekey import RekeyReport
+
+if TYPE_CHECKING:
+    pass
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 db_cli = typer.Typer(no_args_is_help=True, help="Database schema.")
@@ -68,6 +74,38 @@ def keys_generate(kid: Annotated[str | None, typer.Option(help="Key id.")] = Non
     from app.core.crypto import Keyring
 
     typer.echo(Keyring.generate_spec(kid))
+
+
+@keys_cli.command("rotate")
+def keys_rotate(
+    batch_size: Annotated[int, typer.Option(min=1, max=10_000, help="Rows per transaction.")] = 100,
+) -> None:
+    """Re-encrypt every API token under the first key of TOKENVEND_ENCRYPTION_KEYS, online.
+
+    Put the new key first and keep the old ones after it until this reports failed=0 and every
+    replica runs with the new keyring; then the old key can go."""
+    settings = load_settings()
+    report = asyncio.run(_rekey(settings, batch_size))
+    typer.echo(
+        f"scanned={report.scanned} reencrypted={report.reencrypted} "
+        f"changed_meanwhile={report.changed_meanwhile} failed={report.failed} "
+        f"primary_key={settings.keyring.primary_id}"
+    )
+    if report.failed:
+        raise typer.Exit(1)
+
+
+async def _rekey(settings: Settings, batch_size: int) -> RekeyReport:
+    from app.core.db import create_engine, create_sessionmaker
+    from app.credentials.rekey import reencrypt_all
+
+    engine = create_engine(settings)
+    try:
+        return await reencrypt_all(
+            create_sessionmaker(engine), settings.keyring, batch_size=batch_size
+        )
+    finally:
+        await engine.dispose()
 
 
 @admin_cli.command("create-key")
@@ -258,6 +296,62 @@ def dev_idm(
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     uvicorn.run(create_dev_idm_app(), host=host, port=port, server_header=False)
+
+
+token_cli = typer.Typer(no_args_is_help=True, help="JWTs from a running tokenvend.")
+cli.add_typer(token_cli, name="token")
+
+
+@token_cli.command("get")
+def token_get(
+    team: Annotated[str, typer.Argument(help="Team slug.")],
+    credential: Annotated[str, typer.Option(help="Credential name.")] = "default",
+    min_ttl: Annotated[
+        int | None, typer.Option(min=0, help="Minimum remaining lifetime in seconds.")
+    ] = None,
+) -> None:
+    """Print a team's Phrase JWT and nothing else, for `$(tokenvend token get acme)`.
+
+    Asks the tokenvend at TOKENVEND_URL (default http://127.0.0.1:8000) with the client API key in
+    TOKENVEND_API_KEY. Errors go to stderr as `tokenvend: <code>: <detail>`, with exit status 1.
+    """
+    # Plain httpx on purpose: the server package does not depend on the client package.
+    from urllib.parse import quote
+
+    import httpx
+
+    base = (os.environ.get("TOKENVEND_URL") or "http://127.0.0.1:8000").rstrip("/")
+    api_key = os.environ.get("TOKENVEND_API_KEY", "").strip()
+    if not api_key:
+        typer.echo("tokenvend: TOKENVEND_API_KEY is not set (a client API key, tvk_...)", err=True)
+        raise typer.Exit(2)
+    params: dict[str, str | int] = {"credential": credential}
+    if min_ttl is not None:
+        params["min_ttl"] = min_ttl
+    try:
+        response = httpx.get(
+            f"{base}/v1/teams/{quote(team, safe='')}/token",
+            params=params,
+            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
+            timeout=10.0,
+        )
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # the request is not echoed: it has the key
+        typer.echo(f"tokenvend: unreachable: {base}: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    body = body if isinstance(body, dict) else {}
+    token = body.get("access_token")
+    if response.is_success and isinstance(token, str) and token:
+        typer.echo(token)
+        return
+    code, detail = body.get("code"), body.get("detail")
+    if not (isinstance(code, str) and isinstance(detail, str)):
+        code, detail = "bad-response", f"HTTP {response.status_code} without a token or a problem"
+    typer.echo(f"tokenvend: {code}: {detail.replace(api_key, '[redacted]')}", err=True)
+    raise typer.Exit(1)
 
 
 def main() -> None:

@@ -61,6 +61,9 @@ async def current_client(
         detail = "a valid client API key is required" if key else "missing bearer API key"
         raise AuthenticationFailed(detail)
     request.state.client = principal
+    await infra.ratelimiter.check(
+        principal.id, principal.rate_limit_per_second or infra.settings.rate_limit_per_second
+    )
     return principal
 
 

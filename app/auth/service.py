@@ -30,6 +30,7 @@ class Principal:
     name: str
     role: Role
     teams: frozenset[str]
+    rate_limit_per_second: float | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -70,6 +71,12 @@ class Authenticator:
             now = utcnow()
             if client.last_used_at is None or now - client.last_used_at > LAST_USED_RESOLUTION:
                 client.last_used_at = now  # coarse: at most once a minute per replica
-            principal = Principal(client.id, client.name, client.role, frozenset(client.teams))
+            principal = Principal(
+                client.id,
+                client.name,
+                client.role,
+                frozenset(client.teams),
+                client.rate_limit_per_second,
+            )
         self._cache.put(digest, principal, epoch)
         return principal

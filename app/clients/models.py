@@ -30,6 +30,7 @@ class Client(Base):
     key_id: Mapped[str] = mapped_column(String(32), unique=True)
     key_digest: Mapped[str] = mapped_column(String(64))  # hex SHA-256 of the whole key
     disabled: Mapped[bool] = mapped_column(default=False)
+    rate_limit_per_second: Mapped[float | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     last_used_at: Mapped[dt.datetime | None]

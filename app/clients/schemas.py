@@ -20,10 +20,17 @@ Grants = Annotated[
 ]
 
 
+RateLimit = Annotated[
+    float | None,
+    Field(gt=0, le=100_000, description="Requests per second; null: the service default."),
+]
+
+
 class ClientCreate(Schema):
     name: str = Field(min_length=1, max_length=100, examples=["billing-service"])
     role: Role = Role.CLIENT
     teams: Grants = Field(default_factory=list)
+    rate_limit_per_second: RateLimit = None
 
 
 class ClientUpdate(Schema):
@@ -31,6 +38,7 @@ class ClientUpdate(Schema):
     role: Role | None = None
     teams: Grants | None = None
     disabled: bool | None = None
+    rate_limit_per_second: RateLimit = None
 
 
 class ClientRead(Schema):
@@ -40,6 +48,7 @@ class ClientRead(Schema):
     teams: list[str]
     key_id: str = Field(description="The public part of the client's API key.")
     disabled: bool
+    rate_limit_per_second: float | None
     created_at: dt.datetime
     updated_at: dt.datetime
     last_used_at: dt.datetime | None

@@ -24,6 +24,7 @@ async def create_client(session: AsyncSession, data: ClientCreate) -> tuple[Clie
         name=data.name,
         role=data.role,
         teams=_normalize(data.teams),
+        rate_limit_per_second=data.rate_limit_per_second,
         key_id=issued.key_id,
         key_digest=issued.digest,
         disabled=False,
@@ -75,7 +76,8 @@ async def list_clients(session: AsyncSession, *, limit: int, offset: int) -> Seq
 
 
 async def update_client(session: AsyncSession, client: Client, data: ClientUpdate) -> Client:
-    changes = data.model_dump(exclude_unset=True, exclude_none=True)
+    changes = data.model_dump(exclude_unset=True)
+    changes = {k: v for k, v in changes.items() if v is not None or k == "rate_limit_per_second"}
     if "teams" in changes:
         changes["teams"] = _normalize(changes["teams"])
     for field, value in changes.items():

@@ -86,6 +86,10 @@ class Settings(DatabaseSettings):
     )
     webhook_url: AnyHttpUrl | None = None
     webhook_secret: SecretStr | None = None
+    rate_limit_per_second: float = Field(
+        1000.0, gt=0, le=1_000_000, description="Default per client key; a client may override it."
+    )
+    rate_limit_burst: int = Field(2000, ge=1, le=10_000_000)
     db_timeout_seconds: Seconds = 1.0
     redis_timeout_seconds: Seconds = 0.5
     bootstrap_admin_key: SecretStr | None = None

@@ -14,6 +14,7 @@ from redis.backoff import NoBackoff
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.audit.service import AuditLog, AuditRecord
+from app.auth.ratelimit import RateLimiter
 from app.auth.service import Authenticator
 from app.clients.service import ensure_admin_key
 from app.core.config import Region, Settings
@@ -41,6 +42,7 @@ class Infra:
     directory: CredentialDirectory
     broker: Broker
     refresher: Refresher
+    ratelimiter: RateLimiter
     audit: AuditLog
 
 
@@ -180,6 +182,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             directory=directory,
             broker=broker,
             refresher=refresher,
+            ratelimiter=RateLimiter(
+                redis, settings.redis_prefix, cache.gate, burst=settings.rate_limit_burst
+            ),
             audit=audit,
         )
         log.info("service.started cache=%s", cache.name)

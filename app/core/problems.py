@@ -19,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from app.auth.ratelimit import RateLimited
 from app.core import errors
 from app.integrations.phrase.client import (
     CredentialRejected,
@@ -62,6 +63,7 @@ STATUS: list[tuple[type[errors.TokenvendError], int]] = [
     (errors.AuthenticationFailed, 401),
     (errors.PermissionDenied, 403),
     (errors.DependencyUnavailable, 503),
+    (RateLimited, 429),
 ]
 
 HTTP_CODES = {
@@ -72,6 +74,7 @@ HTTP_CODES = {
     405: ("method-not-allowed", "Method not allowed"),
     406: ("not-acceptable", "Not acceptable"),
     413: ("payload-too-large", "Payload too large"),
+    429: ("rate-limited", "Rate limited"),
     415: ("unsupported-media-type", "Unsupported media type"),
     422: ("validation-failed", "Validation failed"),
 }

@@ -48,4 +48,8 @@ class Credential(Base):
     @property
     def aad(self) -> bytes:
         """Binds the ciphertext to this row: moved to another row, it no longer opens."""
-        return f"tokenvend:credential:{self.id}:api_token".encode()
+        return api_token_aad(self.id)
+
+
+def api_token_aad(cred_id: uuid.UUID) -> bytes:
+    return f"tokenvend:credential:{cred_id}:api_token".encode()

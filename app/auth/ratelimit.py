@@ -1,0 +1,82 @@
+"""Rate limits per client key: GCRA (the generic cell rate algorithm, a token bucket stored as one
+timestamp), shared by every replica through Redis, per process while Redis is unavailable.
+
+A client may send `rate` requests per second on average with bursts of up to `burst`; beyond that
+it gets 429 `rate-limited` with the `Retry-After` that would have let the request through.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+
+from redis.asyncio import Redis
+
+from app.core.errors import TokenvendError
+from app.tokens.cache import REDIS_FAILURES, RedisGate
+
+# KEYS[1] the client's key; ARGV now_ms, interval_ms (1000 / rate), tolerance_ms (interval * burst).
+# Returns 0 when allowed (and records it), else the milliseconds to wait.
+_GCRA = """
+local now = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[1])
+if tat < now then tat = now end
+local new_tat = tat + tonumber(ARGV[2])
+local wait = new_tat - tonumber(ARGV[3]) - now
+if wait > 0 then return math.ceil(wait) end
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+return 0
+"""
+
+
+class RateLimited(TokenvendError):
+    code = "rate-limited"
+    title = "Rate limited"
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("too many requests for this client key; slow down")
+        self.retry_after = retry_after
+
+
+class RateLimiter:
+    def __init__(self, redis: Redis | None, prefix: str, gate: RedisGate, *, burst: int) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._gate = gate
+        self._burst = burst
+        self._script = redis.register_script(_GCRA) if redis is not None else None
+        self._local: dict[uuid.UUID, float] = {}
+
+    async def check(self, client_id: uuid.UUID, rate: float) -> None:
+        """Raise `RateLimited` when this request would exceed `rate` requests per second."""
+        now_ms = time.time() * 1000
+        interval = 1000.0 / rate
+        tolerance = interval * self._burst
+        if self._script is not None and self._gate.allow():
+            try:
+                wait = await self._script(
+                    keys=[f"{self._prefix}ratelimit:{client_id}"],
+                    args=[repr(now_ms), repr(interval), repr(tolerance)],
+                )
+                self._gate.ok()
+            except REDIS_FAILURES as exc:
+                self._gate.failed("ratelimit", exc)
+            else:
+                if int(wait) > 0:
+                    raise RateLimited(math.ceil(int(wait) / 1000))
+                return
+        wait = self._local_check(client_id, now_ms, interval, tolerance)
+        if wait > 0:
+            raise RateLimited(math.ceil(wait / 1000))
+
+    def _local_check(self, client_id: uuid.UUID, now: float, interval: float, tol: float) -> float:
+        if len(self._local) > 100_000:
+            self._local.clear()
+        tat = max(self._local.get(client_id, now), now)
+        new_tat = tat + interval
+        wait = new_tat - tol - now
+        if wait > 0:
+            return wait
+        self._local[client_id] = new_tat
+        return 0.0
