@@ -102,6 +102,7 @@ class Settings(DatabaseSettings):
     metrics_enabled: bool = Field(True, description="Serve /metrics (unauthenticated).")
     log_level: str = Field("INFO", pattern=r"^(?i:debug|info|warning|error|critical)$")
     log_format: LogFormat = LogFormat.JSON
+    access_log: bool = Field(True, description="One log line per request (route template only).")
 
     @field_validator(
         "redis_url",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
@@ -12,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics.registry import REQUEST_DURATION, REQUESTS
 
+access_log = logging.getLogger("app.access")
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 _VALID_ID = re.compile(rb"^[A-Za-z0-9._-]{1,64}$")
 
@@ -32,8 +34,9 @@ class RequestContextMiddleware:
     """Takes `X-Request-ID` (or makes one), exposes it to handlers and logs, echoes it back, adds
     the security headers every response carries, and counts the request by route template."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, access_log: bool = True) -> None:
         self.app = app
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,12 +68,24 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            request_id_var.reset(token)
-            # The route template, never the raw path: label values stay a small, fixed set.
+            # The route template, never the raw path: label values stay a small, fixed set, and
+            # nothing a caller put in the URL reaches a log line.
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            elapsed = time.perf_counter() - started
             REQUESTS.labels(route, method, str(status)).inc()
-            REQUEST_DURATION.labels(route, method).observe(time.perf_counter() - started)
+            REQUEST_DURATION.labels(route, method).observe(elapsed)
+            if self.access_log and access_log.isEnabledFor(logging.INFO):
+                client = getattr(scope["state"].get("client"), "id", None)
+                access_log.info(
+                    "http.request method=%s route=%s status=%d duration_ms=%.2f client_id=%s",
+                    method,
+                    route,
+                    status,
+                    elapsed * 1000,
+                    client,
+                )
+            request_id_var.reset(token)
 
 
 class BodyTooLarge(Exception):
