@@ -10,10 +10,10 @@ from app.audit import service
 from app.audit.schemas import AuditEventRead
 from app.auth.dependencies import Admin
 from app.core.deps import InfraDep, PagingDep, SessionDep
-from app.core.problems import responses
+from app.core.problems import AUTHENTICATED, responses
 from app.core.schemas import SLUG_PATTERN, Page
 
-router = APIRouter(prefix="/v1/audit-events", tags=["audit"], responses=responses(401, 403, 422))
+router = APIRouter(prefix="/v1/audit-events", tags=["audit"], responses=responses(*AUTHENTICATED))
 
 
 @router.get(

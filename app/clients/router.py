@@ -10,10 +10,10 @@ from app.auth.dependencies import Admin
 from app.clients import service
 from app.clients.schemas import ClientCreate, ClientRead, ClientUpdate, ClientWithKey
 from app.core.deps import PagingDep, SessionDep
-from app.core.problems import responses
+from app.core.problems import AUTHENTICATED, responses
 from app.core.schemas import Page
 
-router = APIRouter(prefix="/v1/clients", tags=["clients"], responses=responses(401, 403, 422))
+router = APIRouter(prefix="/v1/clients", tags=["clients"], responses=responses(*AUTHENTICATED))
 
 
 @router.post(
@@ -42,6 +42,7 @@ async def create_client(
 
 @router.get("", response_model=Page[ClientRead], operation_id="listClients", summary="List clients")
 async def list_clients(_admin: Admin, session: SessionDep, paging: PagingDep) -> Page[ClientRead]:
+    """Clients in creation order; keys are never shown, only their public key ids."""
     found = await service.list_clients(session, limit=paging.limit + 1, offset=paging.offset)
     return Page.of(
         [ClientRead.model_validate(c) for c in found], limit=paging.limit, offset=paging.offset
@@ -56,6 +57,7 @@ async def list_clients(_admin: Admin, session: SessionDep, paging: PagingDep) ->
     responses=responses(404),
 )
 async def get_client(client_id: uuid.UUID, _admin: Admin, session: SessionDep) -> ClientRead:
+    """One client: role, grants, whether disabled, when last used."""
     return ClientRead.model_validate(await service.get_client(session, client_id))
 
 
@@ -107,6 +109,7 @@ async def rotate_client_key(
 async def delete_client(
     request: Request, client_id: uuid.UUID, _admin: Admin, session: SessionDep
 ) -> None:
+    """Delete the client; its key stops working on its next request, on every replica."""
     await service.delete_client(session, await service.get_client(session, client_id))
     audit.add(
         session, request_record(request, "client.delete", details={"client_id": str(client_id)})

@@ -77,6 +77,10 @@ HTTP_CODES = {
     429: ("rate-limited", "Rate limited"),
     415: ("unsupported-media-type", "Unsupported media type"),
     422: ("validation-failed", "Validation failed"),
+    424: ("credential-rejected", "Credential rejected by Phrase"),
+    502: ("upstream-bad-response", "Bad answer from Phrase"),
+    503: ("service-unavailable", "Unavailable; retry after Retry-After"),
+    504: ("upstream-timeout", "Phrase did not answer in time"),
 }
 
 
@@ -201,6 +205,10 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(OSError, _dependency)  # includes TimeoutError, ConnectionError
     app.add_exception_handler(RedisError, _redis)
     app.add_exception_handler(Exception, _unexpected)
+
+
+# What any authenticated route may answer besides its own errors.
+AUTHENTICATED = (401, 403, 413, 422, 429, 503)
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -8,7 +8,7 @@ from app.audit import service as audit
 from app.audit.dependencies import request_record
 from app.auth.dependencies import Admin
 from app.core.deps import InfraDep, PagingDep, SessionDep
-from app.core.problems import responses
+from app.core.problems import AUTHENTICATED, responses
 from app.core.schemas import SLUG_PATTERN, Page
 from app.credentials import service
 from app.credentials.schemas import (
@@ -23,7 +23,7 @@ from app.teams.service import get_team
 router = APIRouter(
     prefix="/v1/teams/{team}/credentials",
     tags=["credentials"],
-    responses=responses(401, 403, 404, 422),
+    responses=responses(*AUTHENTICATED, 404),
 )
 
 CredentialName = Annotated[str, Path(pattern=SLUG_PATTERN, max_length=63, examples=["default"])]
@@ -70,6 +70,7 @@ async def create_credential(
 async def list_credentials(
     team: TeamSlug, _admin: Admin, session: SessionDep, infra: InfraDep, paging: PagingDep
 ) -> Page[CredentialRead]:
+    """A team's credentials by name, each with its status and cached-JWT expiry."""
     found = await get_team(session, team)
     creds = await service.list_credentials(
         session, found, limit=paging.limit + 1, offset=paging.offset
@@ -107,6 +108,9 @@ async def update_credential(
     session: SessionDep,
     infra: InfraDep,
 ) -> CredentialRead:
+    """`status: disabled` stops vending at once (cached JWTs are no longer handed out);
+    `status: active` re-enables and clears a rejection. Also sets the product label and the API
+    token's expiry date."""
     cred = await service.get_credential(session, await get_team(session, team), name)
     cred = await service.update_credential(session, cred, data)
     details = data.model_dump(mode="json", exclude_unset=True)
@@ -162,6 +166,7 @@ async def delete_credential(
     session: SessionDep,
     infra: InfraDep,
 ) -> None:
+    """Delete the credential and its sealed API token, and purge its cached JWT."""
     cred = await service.get_credential(session, await get_team(session, team), name)
     await service.delete_credential(session, cred, infra.cache)
     audit.add(session, request_record(request, "credential.delete", team=team, credential=name))

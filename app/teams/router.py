@@ -8,12 +8,12 @@ from app.audit import service as audit
 from app.audit.dependencies import request_record
 from app.auth.dependencies import Admin
 from app.core.deps import InfraDep, PagingDep, SessionDep
-from app.core.problems import responses
+from app.core.problems import AUTHENTICATED, responses
 from app.core.schemas import SLUG_PATTERN, Page
 from app.teams import service
 from app.teams.schemas import TeamCreate, TeamRead, TeamUpdate
 
-router = APIRouter(prefix="/v1/teams", tags=["teams"], responses=responses(401, 403, 422))
+router = APIRouter(prefix="/v1/teams", tags=["teams"], responses=responses(*AUTHENTICATED))
 
 TeamSlug = Annotated[str, Path(pattern=SLUG_PATTERN, max_length=63, examples=["acme"])]
 
@@ -52,6 +52,7 @@ async def list_teams(_admin: Admin, session: SessionDep, paging: PagingDep) -> P
     responses=responses(404),
 )
 async def get_team(team: TeamSlug, _admin: Admin, session: SessionDep) -> TeamRead:
+    """One team by its slug."""
     return TeamRead.model_validate(await service.get_team(session, team))
 
 
@@ -65,6 +66,7 @@ async def get_team(team: TeamSlug, _admin: Admin, session: SessionDep) -> TeamRe
 async def update_team(
     request: Request, team: TeamSlug, data: TeamUpdate, _admin: Admin, session: SessionDep
 ) -> TeamRead:
+    """Change a team's display name; the slug is its identity and does not change."""
     found = await service.update_team(session, await service.get_team(session, team), data)
     audit.add(session, request_record(request, "team.update", team=team))
     return TeamRead.model_validate(found)

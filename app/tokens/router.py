@@ -14,7 +14,7 @@ from app.auth.dependencies import Admin, CurrentClient, ensure_team_access
 from app.core.deps import InfraDep, SessionDep
 from app.core.errors import TokenvendError
 from app.core.jwt import fingerprint
-from app.core.problems import responses
+from app.core.problems import AUTHENTICATED, responses
 from app.core.schemas import SLUG_PATTERN
 from app.credentials.service import evict_jwt, find_for_vend
 from app.metrics.registry import VENDS
@@ -41,7 +41,7 @@ NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
         200: {
             "headers": {"Cache-Control": {"schema": {"type": "string"}, "description": "no-store"}}
         },
-        **responses(401, 403, 404, 409, 422, 424, 429, 502, 503, 504),
+        **responses(*AUTHENTICATED, 404, 409, 424, 502, 504),
     },
 )
 async def get_token(
@@ -108,7 +108,7 @@ async def get_token(
     response_model=EvictResponse,
     operation_id="evictToken",
     summary="Evict a cached JWT",
-    responses=responses(401, 403, 404, 422),
+    responses=responses(*AUTHENTICATED, 404),
 )
 async def evict_token(
     request: Request,
