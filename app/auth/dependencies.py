@@ -14,6 +14,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.audit.service import AuditLog, AuditRecord
+from app.auth.ratelimit import RateLimited
 from app.auth.service import Principal
 from app.core.deps import InfraDep
 from app.core.errors import AuthenticationFailed, PermissionDenied
@@ -55,15 +56,23 @@ async def current_client(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> Principal:
     key = credentials.credentials.strip() if credentials else ""
-    principal = await infra.authenticator.authenticate(key) if key else None
+    auth = infra.authenticator
+    wait = 0.0
+    principal = await auth.authenticate(key, optimistic=True) if key else None
+    if principal is not None:
+        # The request's one Redis round trip: the rate limit, and whether process memory is
+        # current. If it is not (an admin change, or Redis unreachable), ask the database again.
+        rate = principal.rate_limit_per_second or infra.settings.rate_limit_per_second
+        wait = await infra.ratelimiter.admit(principal.id, rate)
+        if not infra.invalidation.trusted():
+            principal = await auth.authenticate(key)
     if principal is None:
         infra.audit.record(denial(request, "unauthenticated", None, None))
         detail = "a valid client API key is required" if key else "missing bearer API key"
         raise AuthenticationFailed(detail)
     request.state.client = principal
-    await infra.ratelimiter.check(
-        principal.id, principal.rate_limit_per_second or infra.settings.rate_limit_per_second
-    )
+    if wait > 0:
+        raise RateLimited(wait)
     return principal
 
 

@@ -3,17 +3,22 @@ timestamp), shared by every replica through Redis, per process while Redis is un
 
 A client may send `rate` requests per second on average with bursts of up to `burst`; beyond that
 it gets 429 `rate-limited` with the `Retry-After` that would have let the request through.
+
+The check is the one Redis round trip of an authenticated request, so it also carries the read of
+the cache generation (`app.core.localcache`): both in one pipeline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from app.core.errors import TokenvendError
+from app.core.localcache import Invalidation
 from app.tokens.cache import REDIS_FAILURES, RedisGate
 
 # KEYS[1] the client's key; ARGV now_ms, interval_ms (1000 / rate), tolerance_ms (interval * burst).
@@ -40,35 +45,54 @@ class RateLimited(TokenvendError):
 
 
 class RateLimiter:
-    def __init__(self, redis: Redis | None, prefix: str, gate: RedisGate, *, burst: int) -> None:
+    def __init__(
+        self,
+        redis: Redis | None,
+        prefix: str,
+        gate: RedisGate,
+        invalidation: Invalidation,
+        *,
+        burst: int,
+    ) -> None:
         self._redis = redis
         self._prefix = prefix
         self._gate = gate
+        self._inv = invalidation
         self._burst = burst
         self._script = redis.register_script(_GCRA) if redis is not None else None
+        self._cluster = isinstance(redis, RedisCluster)
         self._local: dict[uuid.UUID, float] = {}
 
-    async def check(self, client_id: uuid.UUID, rate: float) -> None:
-        """Raise `RateLimited` when this request would exceed `rate` requests per second."""
+    async def admit(self, client_id: uuid.UUID, rate: float) -> float:
+        """Seconds this client must wait before this request would be within `rate` requests per
+        second (0: admitted and counted). Also settles whether process memory is current."""
         now_ms = time.time() * 1000
         interval = 1000.0 / rate
         tolerance = interval * self._burst
-        if self._script is not None and self._gate.allow():
+        if self._redis is not None and self._script is not None and self._gate.allow():
+            keys = [f"{self._prefix}ratelimit:{client_id}"]
+            args = [repr(now_ms), repr(interval), repr(tolerance)]
             try:
-                wait = await self._script(
-                    keys=[f"{self._prefix}ratelimit:{client_id}"],
-                    args=[repr(now_ms), repr(interval), repr(tolerance)],
-                )
+                if self._cluster:
+                    # Cluster pipelines refuse scripts; two commands in flight at once instead.
+                    generation, wait = await asyncio.gather(
+                        self._redis.get(self._inv.key), self._script(keys=keys, args=args)
+                    )
+                else:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        pipe.get(self._inv.key)
+                        await self._script(keys=keys, args=args, client=pipe)
+                        generation, wait = await pipe.execute()
                 self._gate.ok()
             except REDIS_FAILURES as exc:
                 self._gate.failed("ratelimit", exc)
             else:
-                if int(wait) > 0:
-                    raise RateLimited(math.ceil(int(wait) / 1000))
-                return
-        wait = self._local_check(client_id, now_ms, interval, tolerance)
-        if wait > 0:
-            raise RateLimited(math.ceil(wait / 1000))
+                self._inv.observe(generation if isinstance(generation, bytes) else None)
+                return math.ceil(int(wait) / 1000) if int(wait) > 0 else 0.0
+        if self._redis is not None:
+            self._inv.distrust()
+        wait_ms = self._local_check(client_id, now_ms, interval, tolerance)
+        return math.ceil(wait_ms / 1000) if wait_ms > 0 else 0.0
 
     def _local_check(self, client_id: uuid.UUID, now: float, interval: float, tol: float) -> float:
         if len(self._local) > 100_000:

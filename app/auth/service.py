@@ -1,4 +1,4 @@
-"""Authenticating client keys, from process memory when trusted (see `app.core.localcache`).
+"""Authenticating client keys, from process memory when current (see `app.core.localcache`).
 
 A key is looked up by its key id and its digest compared in constant time. Successful lookups are
 cached under the key's digest, so a cached entry can only be found by presenting the exact key;
@@ -55,12 +55,14 @@ class Authenticator:
             invalidation, max_age=max_age, max_entries=max_entries
         )
 
-    async def authenticate(self, key: str) -> Principal | None:
+    async def authenticate(self, key: str, *, optimistic: bool = False) -> Principal | None:
+        """The key's principal, or None. `optimistic` may answer from process memory before the
+        request has checked the cache generation; the caller then calls `confirm`."""
         key_id = keys.parse_key_id(key)
         if key_id is None:
             return None
         digest = keys.digest(key)
-        principal = self._cache.get(digest)
+        principal = self._cache.get(digest, verified=not optimistic)
         if principal is not None:
             return principal
         epoch = self._inv.epoch

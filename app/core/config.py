@@ -48,6 +48,9 @@ class Settings(DatabaseSettings):
         None, description="redis:// URL of the shared cache; empty for the in-process cache."
     )
     redis_prefix: str = Field("tokenvend:v1:", min_length=1, max_length=64)
+    redis_cluster: bool = Field(
+        False, description="TOKENVEND_REDIS_URL names a node of a Redis Cluster."
+    )
     encryption_keys: SecretStr | None = Field(
         None, description="Comma-separated `kid:base64-32-bytes`; the first encrypts, all decrypt."
     )
@@ -81,9 +84,6 @@ class Settings(DatabaseSettings):
         description="Only credentials vended this recently are refreshed.",
     )
     refresh_interval_seconds: Seconds = 1.0
-    local_trust_seconds: Seconds = Field(
-        2.0, description="How long in-process caches trust themselves without hearing from Redis."
-    )
     webhook_url: AnyHttpUrl | None = None
     webhook_secret: SecretStr | None = None
     rate_limit_per_second: float = Field(

@@ -23,12 +23,13 @@ InfraDep = Annotated[Infra, Depends(get_infra)]
 
 async def get_session(infra: InfraDep) -> AsyncIterator[AsyncSession]:
     """The request's transaction: committed once when the route returns, rolled back on error.
-    After a committed admin change, every replica's in-process caches are flushed."""
+    After a committed admin change, every replica drops its in-process caches on its next
+    request (the cache generation is bumped)."""
     async with infra.sessionmaker() as session:
         async with session.begin():
             yield session
         if session.info.get(CHANGED):
-            await infra.invalidation.publish()
+            await infra.invalidation.bump()
 
 
 # scope="function": the commit happens before the response is sent, so a failed commit is an

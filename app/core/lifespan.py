@@ -6,9 +6,10 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, cast
 
 from fastapi import FastAPI
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -50,14 +51,19 @@ def create_redis(settings: Settings) -> Redis:
     assert settings.redis_url is not None
     # Short timeouts and no retries: a hung Redis must cost a request milliseconds, not the
     # seconds redis-py's default retry policy would spend.
-    return Redis.from_url(
-        settings.redis_url.get_secret_value(),
-        socket_timeout=settings.redis_timeout_seconds,
-        socket_connect_timeout=settings.redis_timeout_seconds,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=30,
-        max_connections=256,
-    )
+    options: dict[str, Any] = {
+        "socket_timeout": settings.redis_timeout_seconds,
+        "socket_connect_timeout": settings.redis_timeout_seconds,
+        "retry": Retry(NoBackoff(), 0),
+        "max_connections": 256,
+    }
+    url = settings.redis_url.get_secret_value()
+    if settings.redis_cluster:
+        # Every key tokenvend writes carries a hash tag, so a credential's entry, lock and
+        # negative cache share a slot and its scripts run on one shard.
+        cluster = RedisCluster.from_url(url, cluster_error_retry_attempts=1, **options)
+        return cast(Redis, cluster)  # the same command surface for what tokenvend uses
+    return Redis.from_url(url, health_check_interval=30, **options)
 
 
 @asynccontextmanager
@@ -71,11 +77,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = create_redis(settings) if settings.redis_url is not None else None
         if redis is not None:
             stack.push_async_callback(redis.aclose)
-        invalidation = Invalidation(
-            redis, f"{settings.redis_prefix}invalidate", settings.local_trust_seconds
-        )
-        await invalidation.start()
-        stack.push_async_callback(invalidation.stop)
+        invalidation = Invalidation(redis, f"{settings.redis_prefix}generation")
         shared = None
         if redis is not None:
             shared = RedisCache(redis, settings.keyring, settings.redis_prefix)
@@ -112,7 +114,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                     details={"region": cred.region.value, "version": cred.version},
                 )
             )
-            invalidation.publish_soon()  # cached snapshots carry the old status
+            invalidation.bump_soon()  # cached snapshots carry the old status
             if notifier is not None:
                 notifier.notify(
                     event,
@@ -183,7 +185,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             broker=broker,
             refresher=refresher,
             ratelimiter=RateLimiter(
-                redis, settings.redis_prefix, cache.gate, burst=settings.rate_limit_burst
+                redis,
+                settings.redis_prefix,
+                cache.gate,
+                invalidation,
+                burst=settings.rate_limit_burst,
             ),
             audit=audit,
         )

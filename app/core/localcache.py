@@ -1,27 +1,29 @@
 """In-process caches kept honest across replicas.
 
-The hot path (authenticate a key, find a credential, serve its cached JWT) reads only process
-memory. What makes that safe is `Invalidation`: every admin change publishes a flush on a Redis
-pub/sub channel after its transaction commits, and every replica drops its in-process caches when
-the message arrives.
+The hot path (authenticate a key, find a credential, serve its cached JWT) reads process memory.
+What makes that safe is a generation counter in Redis: every admin change increments it after its
+transaction commits (`Invalidation.bump`), and every request reads it in the one Redis round trip
+it makes anyway (pipelined with the rate-limit check, `app.auth.ratelimit`). A replica that sees a
+new generation drops its in-process caches before the request goes on. So an admin change is
+honoured by every replica from the next request on: no propagation delay, no reliance on pub/sub
+delivery.
 
-Pub/sub delivers nothing to a replica whose connection is down or hung, so a replica trusts its
-caches only while it can prove its subscription is alive: it pings through the subscription every
-`trust / 4` seconds and trusts its caches until `trust` seconds after the last answer. After any gap
-it drops everything before trusting again, since it may have missed a flush. The bound: a replica
-serves an in-process entry at most `trust` seconds (TOKENVEND_LOCAL_TRUST_SECONDS, default 2) after
-it last heard from Redis; while it cannot hear, it asks the database instead.
+A request whose round trip fails (Redis down, hung or cut off) cannot know whether it missed a
+change, so it does not trust process memory: it authenticates and looks the credential up in the
+database, and it drops the caches as soon as Redis answers again (the generation it then reads is
+new, or the gap itself counts as one). JWTs cached in process memory are keyed by credential
+version, which comes from that fresh database read, so they stay usable: a rotated API token's
+new version never matches an old JWT.
 
-Without Redis (single process, memory backend) flushes are local calls and the caches are always
-trusted.
+Without Redis (single process, memory backend) the counter is local and memory is always trusted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from contextvars import ContextVar
 from typing import Generic, TypeVar
 
 from redis.asyncio import Redis
@@ -32,95 +34,73 @@ log = logging.getLogger(__name__)
 K = TypeVar("K")
 V = TypeVar("V")
 
-FLUSH = b"flush"
+# Whether this request has confirmed, through Redis, that process memory is current.
+_verified: ContextVar[bool] = ContextVar("cache_verified", default=False)
 
 
 class Invalidation:
-    def __init__(self, redis: Redis | None, channel: str, trust_seconds: float) -> None:
+    def __init__(self, redis: Redis | None, key: str) -> None:
         self._redis = redis
-        self._channel = channel
-        self._trust = trust_seconds
-        self._trusted_until = 0.0
-        self._task: asyncio.Task[None] | None = None
+        self.key = key
+        self._seen: bytes | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self.epoch = 0
 
-    def trusted(self) -> bool:
-        return self._redis is None or time.monotonic() < self._trusted_until
-
     @property
-    def subscribed(self) -> bool:
-        return self.trusted()
+    def shared(self) -> bool:
+        return self._redis is not None
+
+    def trusted(self) -> bool:
+        return self._redis is None or _verified.get()
 
     def flush_local(self) -> None:
         self.epoch += 1
 
-    async def publish(self) -> None:
-        """Flush this replica now and every other replica when the message arrives."""
+    def observe(self, generation: bytes | None) -> None:
+        """This request read `generation` from Redis: trust memory, after a flush if it changed."""
+        if generation != self._seen:
+            self._seen = generation
+            self.flush_local()
+        _verified.set(True)
+
+    def distrust(self) -> None:
+        """This request could not reach Redis: memory may be stale, and is dropped once Redis is
+        back (forgetting the last generation makes the next successful read count as new)."""
+        self._seen = None
+        _verified.set(False)
+
+    async def bump(self) -> None:
+        """An admin change committed: every replica drops its caches on its next request."""
         self.flush_local()
         if self._redis is None:
             return
         try:
-            await self._redis.publish(self._channel, FLUSH)
-        except RedisError as exc:
-            # The change is committed; replicas that miss the flush stop trusting their caches
-            # within the trust bound because their own pings fail the same way.
-            log.warning("cache.invalidation.publish_failed error=%s", type(exc).__name__)
+            await self._redis.incr(self.key)
+        except (RedisError, OSError, TimeoutError) as exc:
+            # The change is committed but replicas that reach Redis would not see it: keep trying
+            # (replicas that cannot reach Redis distrust their memory anyway).
+            log.error("cache.invalidation.bump_failed error=%s", type(exc).__name__)
+            self.bump_soon(delay=0.5)
 
-    def publish_soon(self) -> None:
-        """`publish` from code that cannot await (a callback); the task is kept until done."""
-        task = asyncio.create_task(self.publish())
+    def bump_soon(self, delay: float = 0.0) -> None:
+        """`bump` from code that cannot await (a callback); the task is kept until done. Bumps
+        still waiting are coalesced: one increment covers every change before it."""
+        if self._pending:
+            return
+
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            self._pending.discard(task)
+            await self.bump()
+
+        task = asyncio.create_task(later())
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def start(self) -> None:
-        if self._redis is not None:
-            self._task = asyncio.create_task(self._listen(), name="cache-invalidation")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _listen(self) -> None:
-        assert self._redis is not None
-        interval = self._trust / 4
-        while True:
-            pubsub = self._redis.pubsub()
-            try:
-                await pubsub.subscribe(self._channel)
-                # A new subscription may follow a gap in which flushes were missed.
-                self.flush_local()
-                next_ping = 0.0
-                while True:
-                    now = time.monotonic()
-                    if now >= next_ping:
-                        await pubsub.ping()
-                        next_ping = now + interval
-                    message = await pubsub.get_message(timeout=interval)
-                    if message is None:
-                        continue
-                    if message["type"] in ("pong", "subscribe"):
-                        if not self.trusted():
-                            self.flush_local()  # we were deaf for a while: start clean
-                        self._trusted_until = time.monotonic() + self._trust
-                    elif message["type"] == "message":
-                        self.flush_local()
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError) as exc:
-                log.warning("cache.invalidation.disconnected error=%s", type(exc).__name__)
-                self._trusted_until = 0.0
-                await asyncio.sleep(interval)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-
 
 class LocalCache(Generic[K, V]):
-    """A dict whose entries are valid while the invalidation is trusted, its epoch unchanged and
-    their own age under `max_age`. Bounded in size: when full it is simply cleared."""
+    """A dict whose entries are valid while their epoch is current and their age under `max_age`.
+    Bounded in size: when full it is simply cleared."""
 
     def __init__(self, invalidation: Invalidation, *, max_age: float, max_entries: int) -> None:
         self._inv = invalidation
@@ -128,13 +108,17 @@ class LocalCache(Generic[K, V]):
         self._max_entries = max_entries
         self._entries: dict[K, tuple[V, int, float]] = {}
 
-    def get(self, key: K) -> V | None:
+    def get(self, key: K, *, verified: bool = True) -> V | None:
+        """The entry, if current. `verified=False` reads it before this request has checked the
+        generation; the caller must then re-check once it has (see `app.auth.dependencies`)."""
         found = self._entries.get(key)
         if found is None:
             return None
         value, epoch, until = found
-        if epoch != self._inv.epoch or time.monotonic() >= until or not self._inv.trusted():
+        if epoch != self._inv.epoch or time.monotonic() >= until:
             self._entries.pop(key, None)
+            return None
+        if verified and not self._inv.trusted():
             return None
         return value
 

@@ -14,7 +14,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -204,6 +204,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(SQLAlchemyError, _database)
     app.add_exception_handler(OSError, _dependency)  # includes TimeoutError, ConnectionError
     app.add_exception_handler(RedisError, _redis)
+    app.add_exception_handler(RedisClusterException, _redis)
     app.add_exception_handler(Exception, _unexpected)
 
 

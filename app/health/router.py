@@ -54,6 +54,5 @@ async def readyz(request: Request, infra: InfraDep) -> Response:
         "status": "degraded" if degraded else "ok",
         "checks": checks,
         "cache": infra.cache.name,
-        "local_cache_trusted": infra.invalidation.trusted(),
     }
     return JSONResponse(body)

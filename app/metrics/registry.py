@@ -58,18 +58,18 @@ REFRESHES = Counter(
 REFRESHER_LAG = Gauge(
     "tokenvend_refresher_lag_seconds",
     "How late the most overdue refresh was at the last tick (0 when none was due).",
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 JWT_MIN_REMAINING = Gauge(
     "tokenvend_cached_jwt_min_remaining_seconds",
     "Remaining life of the shortest-lived cached JWT among recently vended credentials.",
-    multiprocess_mode="min",
+    multiprocess_mode="livemin",
 )
 CIRCUIT_STATE = Gauge(
     "tokenvend_circuit_state",
     "Upstream circuit breaker per region: 0 closed, 1 half-open, 2 open.",
     ["region"],
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 CACHE_FALLBACKS = Counter(
     "tokenvend_cache_fallbacks_total",
@@ -84,5 +84,16 @@ CREDENTIALS_REJECTED = Counter(
 AUDIT_PENDING = Gauge(
     "tokenvend_audit_pending_events",
     "Audit events buffered and not yet written.",
-    multiprocess_mode="sum",
+    multiprocess_mode="livesum",
 )
+
+
+# Label combinations exist at zero from the start, so `increase()` sees the first event too (a
+# counter that appears already at 1 would hide it) and dashboards show every series.
+for _region in ("eu", "us"):
+    for _result in ("ok", "rejected", "unavailable", "timeout", "bad_response"):
+        EXCHANGES.labels(_region, _result)
+    CREDENTIALS_REJECTED.labels(_region)
+    CIRCUIT_STATE.labels(_region).set(0)
+for _outcome in ("hit", "miss", "stale", "error"):
+    VENDS.labels(_outcome)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from app.core.crypto import DecryptionFailed, Keyring, Sealed
 from app.core.localcache import Invalidation
@@ -304,7 +304,9 @@ class RedisGate:
         self._probing = False
 
 
-REDIS_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+# What a sick Redis raises: connection and timeout errors, and the cluster client's own errors
+# (RedisClusterException is not a RedisError) when slots are unreachable.
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 T = TypeVar("T")
 
 
