@@ -4,7 +4,7 @@ import datetime as dt
 import uuid
 from typing import Annotated
 
-from pydantic import Field, StringConstraints
+from pydantic import ConfigDict, Field, StringConstraints
 
 from app.clients.models import Role
 from app.core.schemas import SLUG_PATTERN, Schema
@@ -34,6 +34,10 @@ class ClientCreate(Schema):
 
 
 class ClientUpdate(Schema):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"teams": ["acme", "globex"]}, {"disabled": True}]}
+    )
+
     name: str | None = Field(None, min_length=1, max_length=100)
     role: Role | None = None
     teams: Grants | None = None

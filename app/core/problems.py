@@ -72,6 +72,7 @@ HTTP_CODES = {
     403: ("forbidden", "Forbidden"),
     404: ("not-found", "Not found"),
     405: ("method-not-allowed", "Method not allowed"),
+    409: ("conflict", "Conflict"),
     406: ("not-acceptable", "Not acceptable"),
     413: ("payload-too-large", "Payload too large"),
     429: ("rate-limited", "Rate limited"),
@@ -209,16 +210,28 @@ def install(app: FastAPI) -> None:
 
 
 # What any authenticated route may answer besides its own errors.
-AUTHENTICATED = (401, 403, 413, 422, 429, 503)
+AUTHENTICATED = (400, 401, 403, 413, 422, 429, 503)
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for the given error statuses, all with the problem schema."""
     return {
         s: {
-            "model": Problem,
-            "content": {PROBLEM_JSON: {}},
-            "description": HTTP_CODES.get(s, ("", "Error"))[1] or "Error",
+            "model": Problem,  # registers the schema; `document_problems` drops the JSON twin
+            "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+            "description": HTTP_CODES.get(s, ("", "Error"))[1],
         }
         for s in statuses
     }
+
+
+def document_problems(spec: dict[str, Any]) -> dict[str, Any]:
+    """Errors are sent as application/problem+json only; FastAPI also lists the model under
+    application/json, which no error response ever uses."""
+    for ops in spec.get("paths", {}).values():
+        for op in ops.values():
+            for code, response in op.get("responses", {}).items():
+                content = response.get("content", {})
+                if code[0] in "45" and PROBLEM_JSON in content:
+                    content.pop("application/json", None)
+    return spec

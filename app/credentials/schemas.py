@@ -4,7 +4,7 @@ import datetime as dt
 import enum
 from typing import Annotated
 
-from pydantic import Field, SecretStr
+from pydantic import ConfigDict, Field, SecretStr
 
 from app.core.config import Region
 from app.core.schemas import Schema, Slug
@@ -35,6 +35,8 @@ class SettableStatus(enum.StrEnum):
 
 
 class CredentialUpdate(Schema):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "disabled"}]})
+
     status: SettableStatus | None = Field(
         None, description="`disabled` stops vending; `active` re-enables (and clears a rejection)."
     )

@@ -13,7 +13,7 @@ class TeamCreate(Schema):
 
 
 class TeamUpdate(Schema):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, examples=["ACME Localization GmbH"])
 
 
 class TeamRead(Schema):
