@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
 from app import __version__
 from app.audit.router import router as audit_router
@@ -30,6 +34,24 @@ with a stable `code` and the `request_id`.
 """
 
 
+def _serve_explorer(app: FastAPI) -> None:
+    """The OpenAPI explorer with Swagger UI's assets served by tokenvend itself: no CDN, so it
+    works offline and in air-gapped deployments, and its CSP can stay `'self'`."""
+    assets = files("fastapi_offline") / "static"
+    app.mount("/docs/static", StaticFiles(directory=str(assets)), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def explorer() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="tokenvend - API explorer",
+            swagger_js_url="/docs/static/swagger-ui-bundle.js",
+            swagger_css_url="/docs/static/swagger-ui.css",
+            swagger_favicon_url="/docs/static/favicon.png",
+            swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
+        )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     docs = settings.docs_enabled
@@ -38,10 +60,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
-        docs_url="/docs" if docs else None,
+        docs_url=None,  # served below from local assets
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
-        swagger_ui_parameters={"persistAuthorization": True},
     )
     app.state.settings = settings
     problems.install(app)
@@ -62,6 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         health_router,
     ):
         app.include_router(router)
+    if docs:
+        _serve_explorer(app)
     if settings.metrics_enabled:
         app.include_router(metrics_router)
     if settings.dev:

@@ -26,8 +26,14 @@ SECURITY_HEADERS = [
     (b"cross-origin-resource-policy", b"same-origin"),
     (b"strict-transport-security", b"max-age=31536000"),
 ]
-# The API returns JSON only; the explorer's page (/docs) loads Swagger UI and is left without it.
+# The API returns JSON only. The explorer's page runs Swagger UI (served by tokenvend itself) and
+# one inline script that starts it.
 API_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+DOCS_CSP = (
+    b"content-security-policy",
+    b"default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    b"img-src 'self' data:; frame-ancestors 'none'",
+)
 
 
 class RequestContextMiddleware:
@@ -60,8 +66,7 @@ class RequestContextMiddleware:
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
                 headers.extend(SECURITY_HEADERS)
-                if scope["path"] != "/docs":
-                    headers.append(API_CSP)
+                headers.append(DOCS_CSP if scope["path"] == "/docs" else API_CSP)
                 message["headers"] = headers
             await send(message)
 
