@@ -76,7 +76,9 @@ async def test_authorize_and_fetch_a_token_in_the_explorer(
             await operation.locator('tr[data-param-name="team"] input').fill("acme")
             await operation.locator("button.execute").click()
 
-            status = operation.locator(".live-responses-table tr.response .response-col_status").first
+            status = operation.locator(
+                ".live-responses-table tr.response .response-col_status"
+            ).first
             await expect(status).to_have_text("200", timeout=15_000)
             body = await operation.locator(".live-responses-table .microlight").first.inner_text()
             screenshot = tmp_path / "explorer.png"
