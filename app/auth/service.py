@@ -17,7 +17,7 @@ from app.auth import keys
 from app.clients.models import ALL_TEAMS, Role
 from app.clients.service import find_by_key_id
 from app.core.db import utcnow
-from app.core.localcache import Invalidation, LocalCache
+from app.core.localcache import Coalescer, Invalidation, LocalCache
 
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
 
@@ -54,6 +54,7 @@ class Authenticator:
         self._cache: LocalCache[str, Principal] = LocalCache(
             invalidation, max_age=max_age, max_entries=max_entries
         )
+        self._loads: Coalescer[str, Principal | None] = Coalescer()
 
     async def authenticate(self, key: str, *, optimistic: bool = False) -> Principal | None:
         """The key's principal, or None. `optimistic` may answer from process memory before the
@@ -65,6 +66,9 @@ class Authenticator:
         principal = self._cache.get(digest, verified=not optimistic)
         if principal is not None:
             return principal
+        return await self._loads.load(digest, lambda: self._load(key, key_id, digest))
+
+    async def _load(self, key: str, key_id: str, digest: str) -> Principal | None:
         epoch = self._inv.epoch
         async with self._sessionmaker() as session, session.begin():
             client = await find_by_key_id(session, key_id)

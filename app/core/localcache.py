@@ -23,8 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -133,3 +134,26 @@ class LocalCache(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class Coalescer(Generic[K, V]):
+    """Concurrent loads of one key share one task: a burst of requests with a cold cache makes
+    one database query per key, not one per request (which would drain the connection pool)."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[K, asyncio.Task[V]] = {}
+
+    async def load(self, key: K, loader: Callable[[], Coroutine[Any, Any, V]]) -> V:
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(loader())
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: self._forget(key, t))
+        # Shielded: one caller giving up must not cancel the load the others wait for.
+        return await asyncio.shield(task)
+
+    def _forget(self, key: K, task: asyncio.Task[V]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure every waiter gave up on is not "lost"

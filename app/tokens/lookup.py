@@ -11,7 +11,7 @@ import uuid
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.core.localcache import Invalidation, LocalCache
+from app.core.localcache import Coalescer, Invalidation, LocalCache
 from app.credentials.models import Credential
 from app.credentials.service import find_for_vend
 from app.teams.models import Team
@@ -32,11 +32,15 @@ class CredentialDirectory:
         self._cache: LocalCache[tuple[str, str], CredentialSnapshot] = LocalCache(
             invalidation, max_age=max_age, max_entries=max_entries
         )
+        self._loads: Coalescer[tuple[str, str], CredentialSnapshot] = Coalescer()
 
     async def find(self, team: str, name: str) -> CredentialSnapshot:
         snapshot = self._cache.get((team, name))
         if snapshot is not None:
             return snapshot
+        return await self._loads.load((team, name), lambda: self._load(team, name))
+
+    async def _load(self, team: str, name: str) -> CredentialSnapshot:
         epoch = self._inv.epoch
         # A short transaction of its own: no pooled connection is held during an exchange.
         async with self._sessionmaker() as session:
