@@ -21,6 +21,7 @@ from app.core.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.credentials.router import router as credentials_router
 from app.health.router import router as health_router
 from app.metrics.router import router as metrics_router
+from app.oauth.router import router as oauth_router
 from app.teams.router import router as teams_router
 from app.tokens.router import router as tokens_router
 
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         teams_router,
         credentials_router,
         tokens_router,
+        oauth_router,
         clients_router,
         audit_router,
         health_router,

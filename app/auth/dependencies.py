@@ -18,6 +18,7 @@ from app.auth.ratelimit import RateLimited
 from app.auth.service import Principal
 from app.core.deps import InfraDep
 from app.core.errors import AuthenticationFailed, PermissionDenied
+from app.core.lifespan import Infra
 
 bearer = HTTPBearer(
     auto_error=False,
@@ -50,22 +51,28 @@ def denial(
     )
 
 
+async def admit_key(infra: Infra, key: str) -> tuple[Principal | None, float]:
+    """The key's principal (None: not a valid, enabled key) and the seconds its rate limit says
+    to wait (0: admitted). Shared by every way a client key is presented (bearer, OAuth)."""
+    principal = await infra.authenticator.authenticate(key, optimistic=True) if key else None
+    if principal is None:
+        return None, 0.0
+    # The request's one Redis round trip: the rate limit, and whether process memory is current.
+    # If it is not (an admin change, or Redis unreachable), ask the database again.
+    rate = principal.rate_limit_per_second or infra.settings.rate_limit_per_second
+    wait = await infra.ratelimiter.admit(principal.id, rate)
+    if not infra.invalidation.trusted():
+        principal = await infra.authenticator.authenticate(key)
+    return principal, wait
+
+
 async def current_client(
     request: Request,
     infra: InfraDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> Principal:
     key = credentials.credentials.strip() if credentials else ""
-    auth = infra.authenticator
-    wait = 0.0
-    principal = await auth.authenticate(key, optimistic=True) if key else None
-    if principal is not None:
-        # The request's one Redis round trip: the rate limit, and whether process memory is
-        # current. If it is not (an admin change, or Redis unreachable), ask the database again.
-        rate = principal.rate_limit_per_second or infra.settings.rate_limit_per_second
-        wait = await infra.ratelimiter.admit(principal.id, rate)
-        if not infra.invalidation.trusted():
-            principal = await auth.authenticate(key)
+    principal, wait = await admit_key(infra, key)
     if principal is None:
         infra.audit.record(denial(request, "unauthenticated", None, None))
         detail = "a valid client API key is required" if key else "missing bearer API key"

@@ -97,7 +97,7 @@ def invalid_target(description: str) -> OAuthError:
 
 @dataclass(frozen=True, slots=True)
 class Form:
-    """A parsed token request: each parameter's non-empty values, at most one unless multi-valued."""
+    """A parsed token request: each parameter's non-empty values (one, unless multi-valued)."""
 
     fields: dict[str, list[str]] = field(default_factory=dict)
 
@@ -150,7 +150,7 @@ def parse_target(value: str) -> Target:
         parts = value[len(TEAM_URN_PREFIX) :].split(":")
         if len(parts) <= 2 and all(_SLUG.fullmatch(p) for p in parts):
             return Target(parts[0], parts[1] if len(parts) == 2 else None)
-        raise invalid_target("a urn:tokenvend:team: target must be urn:tokenvend:team:<team>[:<credential>]")
+        raise invalid_target("a team URN must be urn:tokenvend:team:<team>[:<credential>]")
     try:
         uri = urlsplit(value)
     except ValueError:
@@ -165,8 +165,8 @@ def parse_target(value: str) -> Target:
     )
 
 
-def resolve_target(form: Form) -> Target:
-    """The one team (and credential) that `audience`, `resource` and `credential` name together."""
+def resolve_target(form: Form) -> tuple[str, str]:
+    """The one team and credential that `audience`, `resource` and `credential` name together."""
     values = form.getall("audience") + form.getall("resource")
     if not values:
         raise invalid_target("name the team in audience or resource (RFC 8693 2.1)")
@@ -181,7 +181,7 @@ def resolve_target(form: Form) -> Target:
         credentials.add(explicit)
     if len(credentials) > 1:
         raise invalid_target("the request names more than one credential")
-    return Target(targets[0].team, credentials.pop() if credentials else DEFAULT_CREDENTIAL)
+    return targets[0].team, credentials.pop() if credentials else DEFAULT_CREDENTIAL
 
 
 # --- responses (OpenAPI) ------------------------------------------------------------------------
@@ -217,6 +217,8 @@ _TARGET_FORMS = (
     "last path segment is the team slug (`https://tokenvend.example/teams/acme`). Repeating "
     "it is allowed (RFC 8693) but every value must name the same team."
 )
+
+_EXAMPLE_KEY = "tvk_0123456789abcdef_" + "x" * 43
 
 REQUEST_BODY: Final[dict[str, Any]] = {
     "required": True,
@@ -263,8 +265,7 @@ REQUEST_BODY: Final[dict[str, Any]] = {
                     "credential": {
                         "type": "string",
                         "pattern": SLUG_PATTERN,
-                        "description": "Extension: the team's credential name (default "
-                        "`default`).",
+                        "description": "Extension: the team's credential name (default `default`).",
                     },
                     "min_ttl": {
                         "type": "integer",
@@ -282,6 +283,27 @@ REQUEST_BODY: Final[dict[str, Any]] = {
                         "type": "string",
                         "format": "password",
                         "description": "client_secret_post: the whole API key.",
+                    },
+                },
+            },
+            "examples": {
+                "token-exchange": {
+                    "summary": "Token exchange, the key as subject token",
+                    "value": {
+                        "grant_type": GRANT_TYPE_TOKEN_EXCHANGE,
+                        "subject_token": _EXAMPLE_KEY,
+                        "subject_token_type": TOKEN_TYPE_CLIENT_KEY,
+                        "audience": "acme",
+                    },
+                },
+                "client-credentials": {
+                    "summary": "Client credentials (client_secret_post), a named credential",
+                    "value": {
+                        "grant_type": GRANT_TYPE_CLIENT_CREDENTIALS,
+                        "client_id": "0123456789abcdef",
+                        "client_secret": _EXAMPLE_KEY,
+                        "resource": "urn:tokenvend:team:acme:default",
+                        "min_ttl": 600,
                     },
                 },
             },

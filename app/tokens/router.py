@@ -12,14 +12,12 @@ from app.audit import service as audit
 from app.audit.dependencies import request_record
 from app.auth.dependencies import Admin, CurrentClient, ensure_team_access
 from app.core.deps import InfraDep, SessionDep
-from app.core.errors import TokenvendError
-from app.core.jwt import fingerprint
 from app.core.problems import AUTHENTICATED, responses
 from app.core.schemas import SLUG_PATTERN
 from app.credentials.service import evict_jwt, find_for_vend
-from app.metrics.registry import VENDS
 from app.teams.router import TeamSlug
 from app.tokens.schemas import ISSUED_TOKEN_TYPE, EvictResponse, TokenResponse
+from app.tokens.service import vend_for
 
 router = APIRouter(prefix="/v1/teams/{team}/token", tags=["tokens"])
 
@@ -70,23 +68,10 @@ async def get_token(
     """A JWT for the team's credential with at least `min_ttl` seconds to live: from the cache when
     one is there, otherwise exchanged at the Phrase IdM (one exchange however many ask at once)."""
     ensure_team_access(request, client, team, infra.audit)
-    infra.audit.ensure_accepting()
-    wanted = infra.settings.default_min_ttl_seconds if min_ttl is None else min_ttl
-    record = request_record(request, "token.vend", team=team, credential=credential)
-    if rejected_sha256 is not None:
-        record.details = {"rejected_sha256": rejected_sha256[:16]}
-    try:
-        cred = await infra.directory.find(team, credential)
-        vended = await infra.broker.vend(cred, wanted, rejected_sha256=rejected_sha256)
-    except TokenvendError as exc:
-        VENDS.labels("error").inc()
-        record.outcome = exc.code
-        infra.audit.record(record)
-        raise
+    cred, vended = await vend_for(
+        request, infra, team, credential, min_ttl, rejected_sha256=rejected_sha256
+    )
     jwt = vended.jwt
-    VENDS.labels("stale" if infra.cache.degraded and vended.cache == "hit" else vended.cache).inc()
-    record.cache, record.jwt_sha256 = vended.cache, fingerprint(jwt.access_token)
-    infra.audit.record(record)
     body = {
         "access_token": jwt.access_token,
         "token_type": "Bearer",
