@@ -183,6 +183,7 @@ def serve(
         workers=workers,
         server_header=False,
         date_header=True,
+        access_log=False,  # our own access log names route templates (app.access)
         log_config=None,
         timeout_graceful_shutdown=20,
     )

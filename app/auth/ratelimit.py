@@ -23,16 +23,21 @@ from app.tokens.cache import REDIS_FAILURES, RedisGate
 
 # KEYS[1] the client's key; ARGV now_ms, interval_ms (1000 / rate), tolerance_ms (interval * burst).
 # Returns 0 when allowed (and records it), else the milliseconds to wait.
-_GCRA = """
+_GCRA_BODY = """
 local now = tonumber(ARGV[1])
 local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[1])
 if tat < now then tat = now end
 local new_tat = tat + tonumber(ARGV[2])
 local wait = new_tat - tonumber(ARGV[3]) - now
-if wait > 0 then return math.ceil(wait) end
-redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
-return 0
+if wait <= 0 then
+  redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+  wait = 0
+end
 """
+_GCRA = _GCRA_BODY + "return math.ceil(wait)"
+# The same, also reading the cache generation (KEYS[2]): the request's one round trip. Only where
+# both keys may be touched by one script (not in a Redis Cluster: they live in other slots).
+_GCRA_AND_GENERATION = _GCRA_BODY + "return {math.ceil(wait), redis.call('GET', KEYS[2])}"
 
 
 class RateLimited(TokenvendError):
@@ -59,8 +64,10 @@ class RateLimiter:
         self._gate = gate
         self._inv = invalidation
         self._burst = burst
-        self._script = redis.register_script(_GCRA) if redis is not None else None
         self._cluster = isinstance(redis, RedisCluster)
+        self._script = None
+        if redis is not None:
+            self._script = redis.register_script(_GCRA if self._cluster else _GCRA_AND_GENERATION)
         self._local: dict[uuid.UUID, float] = {}
 
     async def admit(self, client_id: uuid.UUID, rate: float) -> float:
@@ -74,15 +81,13 @@ class RateLimiter:
             args = [repr(now_ms), repr(interval), repr(tolerance)]
             try:
                 if self._cluster:
-                    # Cluster pipelines refuse scripts; two commands in flight at once instead.
+                    # The two keys live in different slots: two commands in flight at once.
                     generation, wait = await asyncio.gather(
                         self._redis.get(self._inv.key), self._script(keys=keys, args=args)
                     )
                 else:
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        pipe.get(self._inv.key)
-                        await self._script(keys=keys, args=args, client=pipe)
-                        generation, wait = await pipe.execute()
+                    # One EVALSHA (a pipeline would add a SCRIPT EXISTS round trip every time).
+                    wait, generation = await self._script(keys=[*keys, self._inv.key], args=args)
                 self._gate.ok()
             except REDIS_FAILURES as exc:
                 self._gate.failed("ratelimit", exc)

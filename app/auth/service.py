@@ -46,7 +46,7 @@ class Authenticator:
         sessionmaker: async_sessionmaker[AsyncSession],
         invalidation: Invalidation,
         *,
-        max_age: float = 60.0,
+        max_age: float = 300.0,
         max_entries: int = 10_000,
     ) -> None:
         self._sessionmaker = sessionmaker

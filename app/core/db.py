@@ -77,13 +77,15 @@ def utcnow() -> dt.datetime:
 def create_engine(settings: Settings) -> AsyncEngine:
     url = settings.database_url.get_secret_value()
     timeout = settings.db_timeout_seconds
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # No pre-ping: it costs a round trip per checkout on the hot path; a connection that died
+    # with a restarted server fails one query, and SQLAlchemy then discards the whole pool.
+    kwargs: dict[str, Any] = {}
     if settings.is_sqlite:
         kwargs["connect_args"] = {"timeout": max(timeout, 5.0)}  # busy timeout for the file lock
     else:
         kwargs |= {
-            "pool_size": 10,
-            "max_overflow": 10,
+            "pool_size": 20,
+            "max_overflow": 20,
             "pool_timeout": timeout,
             "pool_recycle": 1800,
             "connect_args": {

@@ -13,7 +13,8 @@ from app.core.lifespan import Infra
 from app.core.schemas import MAX_PAGE
 
 
-def get_infra(request: Request) -> Infra:
+async def get_infra(request: Request) -> Infra:
+    # async: a plain `def` dependency would run in a worker thread on every request.
     infra: Infra = request.app.state.infra
     return infra
 

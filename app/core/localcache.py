@@ -10,10 +10,10 @@ delivery.
 
 A request whose round trip fails (Redis down, hung or cut off) cannot know whether it missed a
 change, so it does not trust process memory: it authenticates and looks the credential up in the
-database, and it drops the caches as soon as Redis answers again (the generation it then reads is
-new, or the gap itself counts as one). JWTs cached in process memory are keyed by credential
-version, which comes from that fresh database read, so they stay usable: a rotated API token's
-new version never matches an old JWT.
+database. When Redis answers again it drops the caches if the generation moved, or if the outage
+lasted more than a second (a change made meanwhile may have had its bump delayed). JWTs cached in
+process memory are keyed by credential version, which comes from that fresh database read, so
+they stay usable: a rotated API token's new version never matches an old JWT.
 
 Without Redis (single process, memory backend) the counter is local and memory is always trusted.
 """
@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 K = TypeVar("K")
 V = TypeVar("V")
 
+# A single slow Redis call under load is not an outage; past this, memory is dropped on recovery.
+GAP_FLUSH_SECONDS = 1.0
+
 # Whether this request has confirmed, through Redis, that process memory is current.
 _verified: ContextVar[bool] = ContextVar("cache_verified", default=False)
 
@@ -44,6 +47,7 @@ class Invalidation:
         self._redis = redis
         self.key = key
         self._seen: bytes | None = None
+        self._unreachable_since: float | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self.epoch = 0
 
@@ -58,16 +62,21 @@ class Invalidation:
         self.epoch += 1
 
     def observe(self, generation: bytes | None) -> None:
-        """This request read `generation` from Redis: trust memory, after a flush if it changed."""
-        if generation != self._seen:
+        """This request read `generation` from Redis: trust memory, after a flush if it changed,
+        or if Redis was unreachable for longer than a blip (a change made then may have had its
+        bump delayed or lost with the replica that made it)."""
+        gap_since, self._unreachable_since = self._unreachable_since, None
+        long_gap = gap_since is not None and time.monotonic() - gap_since > GAP_FLUSH_SECONDS
+        if generation != self._seen or long_gap:
             self._seen = generation
             self.flush_local()
         _verified.set(True)
 
     def distrust(self) -> None:
-        """This request could not reach Redis: memory may be stale, and is dropped once Redis is
-        back (forgetting the last generation makes the next successful read count as new)."""
-        self._seen = None
+        """This request could not reach Redis: memory may be stale, so the request reads the
+        database instead."""
+        if self._unreachable_since is None:
+            self._unreachable_since = time.monotonic()
         _verified.set(False)
 
     async def bump(self) -> None:

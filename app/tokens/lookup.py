@@ -24,7 +24,7 @@ class CredentialDirectory:
         sessionmaker: async_sessionmaker[AsyncSession],
         invalidation: Invalidation,
         *,
-        max_age: float = 60.0,
+        max_age: float = 300.0,
         max_entries: int = 100_000,
     ) -> None:
         self._sessionmaker = sessionmaker
