@@ -75,11 +75,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    # The token routes first: routes are matched in order, and they take nearly all the traffic.
     for router in (
-        teams_router,
-        credentials_router,
         tokens_router,
         oauth_router,
+        teams_router,
+        credentials_router,
         clients_router,
         audit_router,
         health_router,
