@@ -54,7 +54,7 @@ class Authenticator:
         self._cache: LocalCache[str, Principal] = LocalCache(
             invalidation, max_age=max_age, max_entries=max_entries
         )
-        self._loads: Coalescer[str, Principal | None] = Coalescer()
+        self._loads: Coalescer[tuple[str, int], Principal | None] = Coalescer()
 
     async def authenticate(self, key: str, *, optimistic: bool = False) -> Principal | None:
         """The key's principal, or None. `optimistic` may answer from process memory before the
@@ -66,7 +66,10 @@ class Authenticator:
         principal = self._cache.get(digest, verified=not optimistic)
         if principal is not None:
             return principal
-        return await self._loads.load(digest, lambda: self._load(key, key_id, digest))
+        # Keyed by epoch too: a request after a flush must not join a load begun before it.
+        return await self._loads.load(
+            (digest, self._inv.epoch), lambda: self._load(key, key_id, digest)
+        )
 
     async def _load(self, key: str, key_id: str, digest: str) -> Principal | None:
         epoch = self._inv.epoch

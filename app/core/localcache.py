@@ -36,7 +36,8 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 # A single slow Redis call under load is not an outage; past this, memory is dropped on recovery.
-GAP_FLUSH_SECONDS = 1.0
+# Above the gate's 1 s backoff, so one failed call followed by one skipped second is no outage.
+GAP_FLUSH_SECONDS = 2.0
 
 # Whether this request has confirmed, through Redis, that process memory is current.
 _verified: ContextVar[bool] = ContextVar("cache_verified", default=False)
@@ -82,26 +83,35 @@ class Invalidation:
     async def bump(self) -> None:
         """An admin change committed: every replica drops its caches on its next request."""
         self.flush_local()
+        await self._increment()
+
+    def bump_soon(self) -> None:
+        """`bump` from code that cannot await (a callback): flush now, increment in a task."""
+        self.flush_local()
+        self._increment_soon(delay=0.0)
+
+    async def _increment(self) -> None:
         if self._redis is None:
             return
         try:
             await self._redis.incr(self.key)
         except (RedisError, OSError, TimeoutError) as exc:
             # The change is committed but replicas that reach Redis would not see it: keep trying
-            # (replicas that cannot reach Redis distrust their memory anyway).
+            # (replicas that cannot reach Redis distrust their memory anyway). Only the increment
+            # is retried: this replica flushed already, and flushing on every retry would drop
+            # its JWTs each time, an exchange per hot credential per retry.
             log.error("cache.invalidation.bump_failed error=%s", type(exc).__name__)
-            self.bump_soon(delay=0.5)
+            self._increment_soon(delay=0.5)
 
-    def bump_soon(self, delay: float = 0.0) -> None:
-        """`bump` from code that cannot await (a callback); the task is kept until done. Bumps
-        still waiting are coalesced: one increment covers every change before it."""
+    def _increment_soon(self, delay: float) -> None:
+        """Increments still waiting are coalesced: one covers every change before it."""
         if self._pending:
             return
 
         async def later() -> None:
             await asyncio.sleep(delay)
             self._pending.discard(task)
-            await self.bump()
+            await self._increment()
 
         task = asyncio.create_task(later())
         self._pending.add(task)

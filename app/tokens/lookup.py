@@ -32,13 +32,14 @@ class CredentialDirectory:
         self._cache: LocalCache[tuple[str, str], CredentialSnapshot] = LocalCache(
             invalidation, max_age=max_age, max_entries=max_entries
         )
-        self._loads: Coalescer[tuple[str, str], CredentialSnapshot] = Coalescer()
+        self._loads: Coalescer[tuple[str, str, int], CredentialSnapshot] = Coalescer()
 
     async def find(self, team: str, name: str) -> CredentialSnapshot:
         snapshot = self._cache.get((team, name))
         if snapshot is not None:
             return snapshot
-        return await self._loads.load((team, name), lambda: self._load(team, name))
+        # Keyed by epoch too: a request after a flush must not join a load begun before it.
+        return await self._loads.load((team, name, self._inv.epoch), lambda: self._load(team, name))
 
     async def _load(self, team: str, name: str) -> CredentialSnapshot:
         epoch = self._inv.epoch
