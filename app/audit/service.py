@@ -95,6 +95,7 @@ class AuditLog:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._failing_since: float | None = None
+        self._writing = 0  # records taken by a write that has not finished
 
     def record(self, record: AuditRecord) -> None:
         self._buffer.append(record)
@@ -103,7 +104,7 @@ class AuditLog:
 
     def accepting(self) -> bool:
         """False when another vend could not be audited in time: the caller must refuse."""
-        if len(self._buffer) >= self._max_pending:
+        if self.pending >= self._max_pending:
             return False
         failing = self._failing_since
         return failing is None or time.monotonic() - failing < self._max_unwritten
@@ -116,7 +117,9 @@ class AuditLog:
 
     @property
     def pending(self) -> int:
-        return len(self._buffer)
+        """Records not written yet: in the buffer, or in a write under way (which may hang as
+        long as the database does)."""
+        return len(self._buffer) + self._writing
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="audit-writer")
@@ -145,6 +148,7 @@ class AuditLog:
             batch, self._buffer = self._buffer, []
             if not batch:
                 return
+            self._writing = len(batch)
             try:
                 async with self._sessionmaker() as session, session.begin():
                     await session.execute(insert(AuditEvent), [_row(r) for r in batch])
@@ -153,6 +157,8 @@ class AuditLog:
                 if self._failing_since is None:
                     self._failing_since = time.monotonic()
                 raise
+            finally:
+                self._writing = 0
             self._failing_since = None
 
 

@@ -23,14 +23,26 @@ from app.tokens.cache import REDIS_FAILURES, RedisGate
 
 # KEYS[1] the client's key; ARGV now_ms, interval_ms (1000 / rate), tolerance_ms (interval * burst).
 # Returns 0 when allowed (and records it), else the milliseconds to wait.
+# The value is `<tat>:<interval>`: the interval it was computed at.
 _GCRA_BODY = """
 local now = tonumber(ARGV[1])
-local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[1])
+local interval = tonumber(ARGV[2])
+local tat = now
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local at = string.find(stored, ':', 1, true)
+  tat = tonumber(at and string.sub(stored, 1, at - 1) or stored)
+  local was = at and tonumber(string.sub(stored, at + 1)) or interval
+  -- A debt run up at another rate counts at most as a full burst at this one: a raised limit
+  -- takes effect on the client's next request.
+  if was ~= interval then tat = math.min(tat, now + tonumber(ARGV[3]) - interval) end
+end
 if tat < now then tat = now end
-local new_tat = tat + tonumber(ARGV[2])
+local new_tat = tat + interval
 local wait = new_tat - tonumber(ARGV[3]) - now
 if wait <= 0 then
-  redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+  redis.call('SET', KEYS[1], tostring(new_tat) .. ':' .. tostring(interval),
+             'PX', math.ceil(new_tat - now) + 1000)
   wait = 0
 end
 """
@@ -68,7 +80,7 @@ class RateLimiter:
         self._script = None
         if redis is not None:
             self._script = redis.register_script(_GCRA if self._cluster else _GCRA_AND_GENERATION)
-        self._local: dict[uuid.UUID, float] = {}
+        self._local: dict[uuid.UUID, tuple[float, float]] = {}  # tat, interval
 
     async def admit(self, client_id: uuid.UUID, rate: float) -> float:
         """Seconds this client must wait before this request would be within `rate` requests per
@@ -102,10 +114,13 @@ class RateLimiter:
     def _local_check(self, client_id: uuid.UUID, now: float, interval: float, tol: float) -> float:
         if len(self._local) > 100_000:
             self._local.clear()
-        tat = max(self._local.get(client_id, now), now)
+        tat, was = self._local.get(client_id, (now, interval))
+        if was != interval:  # as in the script: a changed rate starts from at most a full burst
+            tat = min(tat, now + tol - interval)
+        tat = max(tat, now)
         new_tat = tat + interval
         wait = new_tat - tol - now
         if wait > 0:
             return wait
-        self._local[client_id] = new_tat
+        self._local[client_id] = (new_tat, interval)
         return 0.0

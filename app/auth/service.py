@@ -11,10 +11,11 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass
 
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.auth import keys
-from app.clients.models import ALL_TEAMS, Role
+from app.clients.models import ALL_TEAMS, Client, Role
 from app.clients.service import find_by_key_id
 from app.core.db import utcnow
 from app.core.localcache import Coalescer, Invalidation, LocalCache
@@ -79,7 +80,13 @@ class Authenticator:
                 return None
             now = utcnow()
             if client.last_used_at is None or now - client.last_used_at > LAST_USED_RESOLUTION:
-                client.last_used_at = now  # coarse: at most once a minute per replica
+                # Coarse (at most once a minute per replica), and usage rather than a change: an
+                # UPDATE that names `updated_at` keeps the model's `onupdate` from moving it.
+                await session.execute(
+                    update(Client)
+                    .where(Client.id == client.id)
+                    .values(last_used_at=now, updated_at=Client.updated_at)
+                )
             principal = Principal(
                 client.id,
                 client.name,

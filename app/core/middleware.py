@@ -9,6 +9,7 @@ import uuid
 from contextvars import ContextVar
 
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics.registry import REQUEST_DURATION, REQUESTS
@@ -75,7 +76,9 @@ class RequestContextMiddleware:
         finally:
             # The route template, never the raw path: label values stay a small, fixed set, and
             # nothing a caller put in the URL reaches a log line.
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = getattr(scope.get("route"), "path", None)
+            # A mounted app's routes (the dev IdM, the explorer's assets) carry its prefix.
+            route = f"{scope.get('root_path', '')}{route}" if route else "unmatched"
             method = scope["method"] if scope["method"] in _METHODS else "OTHER"
             elapsed = time.perf_counter() - started
             REQUESTS.labels(route, method, str(status)).inc()
@@ -93,8 +96,13 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` once a chunked body passes the limit. An HTTPException because
+    FastAPI re-raises those from its body parsing and turns anything else into a 400 "error
+    parsing the body"; this way the exception handlers answer with the 413 problem."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request bodies are limited to {max_bytes} bytes")
 
 
 class BodyLimitMiddleware:
@@ -124,7 +132,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:

@@ -133,10 +133,19 @@ async def _domain(request: Request, exc: Exception) -> Response:
     )
 
 
+def _location(error: dict[str, Any]) -> list[Any]:
+    """Where the error is. An unexpected field is named by the caller, not by the schema: its
+    name is input too (a secret pasted as a key would come back), so it is not echoed."""
+    loc = list(error.get("loc", ()))
+    if error.get("type") == "extra_forbidden" and loc:
+        loc[-1] = "<unexpected field>"
+    return loc
+
+
 async def _validation(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     found = [
-        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        {"loc": _location(e), "msg": e.get("msg", ""), "type": e.get("type", "")}
         for e in exc.errors()
     ]
     return problem_response(

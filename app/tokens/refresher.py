@@ -70,7 +70,13 @@ class Refresher:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            # Cancel until it has ended. On Python 3.11 a cancellation that arrives just as a
+            # Redis write completes is lost (redis-py wraps writes in asyncio.wait_for, which
+            # then returns the result instead; fixed in 3.12): the loop would go on sleeping and
+            # a plain `await self._task` would keep shutdown waiting forever.
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self._resign()

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-
 revision: str = "abfa82aaabe9"
 down_revision: str | None = "77e7cf0e2f22"
 branch_labels: str | Sequence[str] | None = None
