@@ -204,7 +204,7 @@ class Broker:
         if jwt is not None and acceptable(jwt):
             return Vended(jwt, "hit")
         if jwt is not None:
-            await self.cache.purge(cred.id, cred.version)  # never hand out the refused JWT again
+            await self.cache.withdraw(cred.id, cred.version, jwt)  # never hand it out again
         jwt = await self._single_flight(cred, acceptable, deadline)
         if not acceptable(jwt):
             raise TokenLifetimeTooShort("the upstream issued no usable replacement JWT")

@@ -111,6 +111,14 @@ class MemoryCache:
     async def purge(self, cred_id: uuid.UUID, version: int) -> None:
         self._entries.pop((cred_id, version), None)
 
+    async def withdraw(self, cred_id: uuid.UUID, version: int, jwt: CachedJwt) -> bool:
+        """Purge the entry only if it still holds `jwt`; True if it did."""
+        found = self._entries.get((cred_id, version))
+        if found is None or found[0] != jwt:
+            return False
+        del self._entries[(cred_id, version)]
+        return True
+
     async def expires_at(self, cred_id: uuid.UUID, version: int) -> float | None:
         jwt = await self.get(cred_id, version)
         return None if jwt is None else jwt.expires_at
@@ -151,6 +159,14 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
+# KEYS[1] entry hash; ARGV: exp. Deletes the entry only while it holds the JWT with this expiry,
+# so a caller that read a refused JWT cannot delete the replacement stored since.
+_DELETE_IF_EXP = """
+local cur = redis.call('HGET', KEYS[1], 'exp')
+if cur and tonumber(cur) == tonumber(ARGV[1]) then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 _COMPARE_AND_DELETE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -168,6 +184,7 @@ class RedisCache:
         self._refresh_key = f"{prefix}refresh"
         self._vended_key = f"{prefix}vended"
         self._put = redis.register_script(_PUT_IF_NEWER)
+        self._delete_if_exp = redis.register_script(_DELETE_IF_EXP)
         self._unlock = redis.register_script(_COMPARE_AND_DELETE)
 
     def entry_key(self, cred_id: uuid.UUID, version: int) -> str:
@@ -212,6 +229,16 @@ class RedisCache:
         )
         await self._redis.zrem(self._expiry_key, member)
         await self._redis.zrem(self._refresh_key, member)
+
+    async def withdraw(self, cred_id: uuid.UUID, version: int, jwt: CachedJwt) -> bool:
+        """Purge the entry only if it still holds `jwt` (same expiry); True if it did."""
+        key = self.entry_key(cred_id, version)
+        if not await self._delete_if_exp(keys=[key], args=[repr(jwt.expires_at)]):
+            return False
+        member = f"{cred_id}:{version}"
+        await self._redis.zrem(self._expiry_key, member)
+        await self._redis.zrem(self._refresh_key, member)
+        return True
 
     async def expires_at(self, cred_id: uuid.UUID, version: int) -> float | None:
         exp = await self._redis.hget(self.entry_key(cred_id, version), "exp")
@@ -336,6 +363,8 @@ class TieredCache:
         self._due: dict[tuple[uuid.UUID, int], float] = {}
         self._vended: dict[uuid.UUID, float] = {}
         self._vended_unsent: set[uuid.UUID] = set()
+        self._held: dict[str, float] = {}  # Redis lock owner -> when its TTL runs out
+        self._releases: set[asyncio.Task[None]] = set()
 
     @property
     def name(self) -> str:
@@ -377,10 +406,13 @@ class TieredCache:
         jwt = await local.get(cred_id, version)
         if jwt is not None:
             return jwt
+        epoch = self._inv.epoch
         ok, jwt = await self._try("get", lambda r: r.get(cred_id, version))
         if ok and jwt is not None:
             ttl = await self._try_ttl(cred_id, version)
-            await local.put(cred_id, version, jwt, ttl)
+            # A flush that arrived during the read voids it: the JWT read may be the one flushed.
+            if self._inv.epoch == epoch:
+                await self._local().put(cred_id, version, jwt, ttl)
         return jwt
 
     async def _try_ttl(self, cred_id: uuid.UUID, version: int) -> float:
@@ -395,14 +427,29 @@ class TieredCache:
         return jwt if ok else await self._local().get(cred_id, version)
 
     async def put(self, cred_id: uuid.UUID, version: int, jwt: CachedJwt, ttl: float) -> bool:
-        await self._local().put(cred_id, version, jwt, ttl)
+        # Redis first: when it refuses because another replica stored a longer-lived JWT, this
+        # replica must not go on serving the shorter one (or an older one) from L1.
         ok, stored = await self._try("put", lambda r: r.put(cred_id, version, jwt, ttl))
-        return bool(stored) if ok else True
+        if ok and not stored:
+            await self._local().purge(cred_id, version)  # the next read takes the shared one
+            return False
+        return await self._local().put(cred_id, version, jwt, ttl) or bool(ok)
 
     async def purge(self, cred_id: uuid.UUID, version: int) -> None:
         await self.local.purge(cred_id, version)
         self._due.pop((cred_id, version), None)
         await self._try("purge", lambda r: r.purge(cred_id, version))
+
+    async def withdraw(self, cred_id: uuid.UUID, version: int, jwt: CachedJwt) -> None:
+        """Take a JWT out of service everywhere (Phrase refused it): purge it where it is still
+        the cached one, leaving a replacement stored meanwhile alone, and flush every replica's
+        L1, which may hold it too."""
+        here = await self.local.withdraw(cred_id, version, jwt)
+        ok, shared = await self._try("withdraw", lambda r: r.withdraw(cred_id, version, jwt))
+        # Only the caller that withdrew it flushes: a hundred reports make one flush.
+        if shared or (here and not ok):
+            self._due.pop((cred_id, version), None)
+            await self._inv.bump()
 
     async def expires_at(self, cred_id: uuid.UUID, version: int) -> float | None:
         ok, exp = await self._try("expires_at", lambda r: r.expires_at(cred_id, version))
@@ -410,11 +457,31 @@ class TieredCache:
 
     async def try_lock(self, cred_id: uuid.UUID, ttl: float) -> str | None:
         ok, owner = await self._try("lock", lambda r: r.try_lock(cred_id, ttl))
+        if ok and owner is not None:
+            self._held[owner] = time.monotonic() + ttl
         return owner if ok else LOCAL_OWNER
 
     async def unlock(self, cred_id: uuid.UUID, owner: str) -> None:
-        if owner != LOCAL_OWNER:
-            await self._try("unlock", lambda r: r.unlock(cred_id, owner))
+        if owner == LOCAL_OWNER:
+            return
+        ok, _ = await self._try("unlock", lambda r: r.unlock(cred_id, owner))
+        expires = self._held.pop(owner, 0.0)
+        if not ok and expires > time.monotonic():
+            # A lock left in Redis makes every other replica wait for it until its TTL, past
+            # their deadlines (504s): release it as soon as Redis answers, gate or no gate.
+            task = asyncio.create_task(self._release_later(cred_id, owner, expires))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+
+    async def _release_later(self, cred_id: uuid.UUID, owner: str, expires: float) -> None:
+        assert self.shared is not None
+        while time.monotonic() < expires:
+            await asyncio.sleep(RELEASE_RETRY_SECONDS)
+            try:
+                await self.shared.unlock(cred_id, owner)
+            except REDIS_FAILURES:
+                continue
+            return
 
     async def rejected(self, cred_id: uuid.UUID, version: int) -> str | None:
         ok, code = await self._try("rejected", lambda r: r.rejected(cred_id, version))
@@ -469,8 +536,11 @@ class TieredCache:
             await self.shared.ping()
 
     async def close(self) -> None:
+        for task in self._releases:
+            task.cancel()
         if self.shared is not None:
             await self.shared.close()
 
 
 LOCAL_OWNER = "local"
+RELEASE_RETRY_SECONDS = 0.2

@@ -46,14 +46,28 @@ if tonumber(ARGV[1]) - since > tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'failures', 1, 'since', ARGV[1])
   n = 1
 end
-local until = 0
+local open_until = 0
 if was_open or n >= tonumber(ARGV[3]) then
-  until = tonumber(ARGV[1]) + tonumber(ARGV[4])
-  redis.call('HSET', KEYS[1], 'open_until', until, 'failures', 0, 'since', ARGV[1])
+  open_until = tonumber(ARGV[1]) + tonumber(ARGV[4])
+  redis.call('HSET', KEYS[1], 'open_until', open_until, 'failures', 0, 'since', ARGV[1])
   redis.call('DEL', KEYS[2])
 end
 redis.call('PEXPIRE', KEYS[1], math.floor((tonumber(ARGV[2]) + tonumber(ARGV[4])) * 2000))
-return tostring(until)
+return tostring(open_until)
+"""
+
+
+# KEYS[1] the region's hash, KEYS[2] its probe key; ARGV now, cooldown in ms. One step, so that
+# of the callers arriving after the cool-down exactly one becomes the probe: reading `open_until`
+# and taking the probe key separately lets a caller that read the old state take the key again
+# after a failed probe reopened the circuit. Returns {state, open_until}: 0 closed, 1 half-open
+# (the caller is the probe), 2 open.
+_BEFORE = """
+local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
+if open_until == 0 then return {0, '0'} end
+if tonumber(ARGV[1]) < open_until then return {2, tostring(open_until)} end
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then return {1, '0'} end
+return {2, '0'}
 """
 
 
@@ -62,7 +76,7 @@ class _Local:
     failures: int = 0
     since: float = 0.0
     open_until: float = 0.0
-    probing: bool = False
+    probe_until: float = 0.0
 
 
 class CircuitBreaker:
@@ -84,6 +98,7 @@ class CircuitBreaker:
         self._cooldown = cooldown
         self._local = {region: _Local() for region in Region}
         self._failure = redis.register_script(_FAILURE) if redis is not None else None
+        self._before_script = redis.register_script(_BEFORE) if redis is not None else None
 
     def _key(self, region: Region) -> str:
         # Hash-tagged so the state and its probe key share a Redis Cluster slot (one script).
@@ -97,26 +112,21 @@ class CircuitBreaker:
         it was let through in (HALF_OPEN means this exchange is the probe)."""
         now = time.time()
         if self._use_redis():
-            assert self._redis is not None
+            assert self._before_script is not None
             try:
-                open_until = await self._redis.hget(self._key(region), "open_until")
-                until = float(open_until) if open_until else 0.0
-                if until and now >= until:
-                    probe = await self._redis.set(
-                        f"{self._key(region)}:probe", "1", nx=True, px=int(self._cooldown * 1000)
-                    )
-                    if not probe:
-                        raise self._open(region, 1.0)
-                    self._report(region, CircuitState.HALF_OPEN)
-                    return CircuitState.HALF_OPEN
+                verdict, until = await self._before_script(
+                    keys=[self._key(region), f"{self._key(region)}:probe"],
+                    args=[now, int(self._cooldown * 1000)],
+                )
                 self._gate.ok()
             except REDIS_FAILURES as exc:
                 self._gate.failed("circuit", exc)
                 return self._before_local(region, now)
-            if now < until:
-                raise self._open(region, until - now)
-            self._report(region, CircuitState.CLOSED)
-            return CircuitState.CLOSED
+            state = CircuitState(int(verdict))
+            if state is CircuitState.OPEN:
+                raise self._open(region, float(until) - now)
+            self._report(region, state)
+            return state
         return self._before_local(region, now)
 
     def _before_local(self, region: Region, now: float) -> CircuitState:
@@ -124,9 +134,11 @@ class CircuitBreaker:
         if now < state.open_until:
             raise self._open(region, state.open_until - now)
         if state.open_until:
-            if state.probing:
-                raise self._open(region, 1.0)
-            state.probing = True
+            if now < state.probe_until:
+                raise self._open(region, state.probe_until - now)
+            # The probe's lease ends with a cool-down, as the shared probe key's TTL does: a probe
+            # that never reports (cancelled, an unexpected error) must not keep it open forever.
+            state.probe_until = now + self._cooldown
             self._report(region, CircuitState.HALF_OPEN)
             return CircuitState.HALF_OPEN
         return CircuitState.CLOSED
@@ -153,7 +165,7 @@ class CircuitBreaker:
     async def failure(self, region: Region) -> None:
         now = time.time()
         local = self._local[region]
-        local.probing = False
+        local.probe_until = 0.0
         if now - local.since > self._window:
             local.failures, local.since = 0, now
         local.failures += 1

@@ -95,6 +95,13 @@ class _OwnedProcess:
         if self.running:
             os.killpg(self.pid, signum)
 
+    def pause(self) -> None:
+        """SIGSTOP the whole group: the port keeps accepting connections, nothing answers."""
+        self.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.signal(signal.SIGCONT)
+
     def _exited(self) -> bool:
         """Whether the leader has exited, without reaping it: an unreaped leader keeps its pid,
         and so its process group id, from being reused by an unrelated process."""
@@ -181,12 +188,11 @@ class RedisServer(_OwnedProcess):
             return False
 
     def pause(self) -> None:
-        """SIGSTOP: the port keeps accepting connections, but nothing is ever answered."""
-        self.signal(signal.SIGSTOP)
+        super().pause()
         self.paused = True
 
     def resume(self) -> None:
-        self.signal(signal.SIGCONT)
+        super().resume()
         self.paused = False
 
     def kill(self) -> None:
