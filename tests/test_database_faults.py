@@ -94,9 +94,8 @@ class Warm:
 
 HUNG_PRE_PING = pytest.mark.xfail(
     strict=True,
-    reason="app.core.db: the pool's pre-ping is bounded by asyncpg's command_timeout "
-    "(max(2 x db_timeout, 2 s)), not db_timeout; then a reconnect waits the connect timeout: "
-    "the first request after PostgreSQL hangs takes ~4 s",
+    reason="gap: with PostgreSQL hung, the query gives up after command_timeout (db_timeout) "
+    "but closing the dead connection waits once more: the first admin request takes ~2 s",
 )
 
 

@@ -90,7 +90,9 @@ def create_engine(settings: Settings) -> AsyncEngine:
             "pool_recycle": 1800,
             "connect_args": {
                 "timeout": timeout,
-                "command_timeout": max(timeout * 2, 2.0),
+                # The client gives up after `timeout` (a hung server costs a request about a
+                # second); the server-side statement timeout is a backstop.
+                "command_timeout": timeout,
                 "server_settings": {
                     "statement_timeout": str(int(max(timeout * 2, 2.0) * 1000)),
                     "application_name": "tokenvend",
