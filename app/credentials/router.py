@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, status
+from fastapi import APIRouter, BackgroundTasks, Path, Request, status
 
 from app.audit import service as audit
 from app.audit.dependencies import request_record
@@ -11,6 +11,7 @@ from app.core.deps import InfraDep, PagingDep, SessionDep
 from app.core.problems import AUTHENTICATED, responses
 from app.core.schemas import SLUG_PATTERN, Page
 from app.credentials import service
+from app.credentials.models import CredentialStatus
 from app.credentials.schemas import (
     ApiTokenRotate,
     CredentialCreate,
@@ -19,6 +20,7 @@ from app.credentials.schemas import (
 )
 from app.teams.router import TeamSlug
 from app.teams.service import get_team
+from app.tokens.broker import CredentialSnapshot
 
 router = APIRouter(
     prefix="/v1/teams/{team}/credentials",
@@ -135,10 +137,15 @@ async def rotate_api_token(
     _admin: Admin,
     session: SessionDep,
     infra: InfraDep,
+    background: BackgroundTasks,
 ) -> CredentialRead:
     """Replace the API token: new ciphertext, version bump, cached JWT purged, status active."""
     cred = await service.get_credential(session, await get_team(session, team), name)
+    was_rejected = cred.status is CredentialStatus.REJECTED
     cred = await service.rotate_api_token(session, cred, data, infra.settings.keyring, infra.cache)
+    if was_rejected:
+        # Reported once the response is on its way, so after the transaction committed.
+        background.add_task(infra.broker.report_recovered, CredentialSnapshot.of(cred, team))
     audit.add(
         session,
         request_record(

@@ -216,6 +216,12 @@ class Broker:
         deadline = time.monotonic() + self._deadline
         return await self._single_flight(cred, lambda j: j.expires_at > due_expires_at, deadline)
 
+    async def report_recovered(self, cred: CredentialSnapshot) -> None:
+        """An admin cleared a rejection (rotation): tell whoever listens to status changes.
+        (async so that FastAPI runs it on the event loop, where the listeners start tasks.)"""
+        if self._on_status_change is not None:
+            self._on_status_change(cred, "credential.recovered", None)
+
     async def purge(self, cred_id: uuid.UUID, version: int) -> None:
         await self.cache.purge(cred_id, version)
 

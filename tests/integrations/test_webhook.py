@@ -221,11 +221,6 @@ class TestStatusChangeDeliveries:
             verify(recovered)
             assert recovered.json["error"] is None
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="rotation sets the status back to active in app.credentials.service without "
-        "reporting the change, so the vend that follows finds nothing to recover",
-    )
     async def test_recovery_by_rotation_is_delivered_once(
         self, env: Env, idm: DevIdm, receiver: Receiver
     ) -> None:
