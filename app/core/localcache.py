@@ -52,10 +52,6 @@ class Invalidation:
         self._pending: set[asyncio.Task[None]] = set()
         self.epoch = 0
 
-    @property
-    def shared(self) -> bool:
-        return self._redis is not None
-
     def trusted(self) -> bool:
         return self._redis is None or _verified.get()
 

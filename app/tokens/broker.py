@@ -49,7 +49,7 @@ from app.metrics.registry import (
     SINGLE_FLIGHT_WAITS,
 )
 from app.tokens.cache import LOCAL_OWNER, CachedJwt, TieredCache
-from app.tokens.circuit import CircuitBreaker, CircuitOpen, CircuitState
+from app.tokens.circuit import CircuitBreaker, CircuitState
 from app.tokens.exceptions import CredentialDisabled, CredentialUnreadable, TokenLifetimeTooShort
 
 log = logging.getLogger(__name__)
@@ -386,8 +386,6 @@ class Broker:
 def _result(exc: Exception) -> str:
     if isinstance(exc, UpstreamTimeout):
         return "timeout"
-    if isinstance(exc, CircuitOpen):
-        return "circuit_open"
     if isinstance(exc, UpstreamUnavailable):
         return "unavailable"
     return "bad_response"

@@ -8,7 +8,6 @@ import random
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,15 +21,7 @@ from app.core.crypto import Keyring
 from app.integrations.phrase.dev_idm import DevIdm, DevIdmMode
 from tests.conftest import TABLES, _pg_execute
 from tests.fixtures.services import require_redis
-
-TOKENVEND = str(Path(sys.executable).parent / "tokenvend")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from tests.support.processes import TokenvendServer
 
 
 def free_cluster_port() -> int:
@@ -139,41 +130,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.wait()
 
 
-class Server:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [TOKENVEND, "serve", "--port", str(self.port)],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_until(lambda: httpx.get(f"{self.url}/readyz").status_code == 200, 20, "tokenvend")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
-
-
 @pytest.fixture
 def servers(
     cluster: str,
     postgres_url: str,
     dev_idm_server: tuple[DevIdm, str],
     tmp_path: Path,
-) -> Iterator[tuple[Server, Server, str, DevIdm]]:
+) -> Iterator[tuple[TokenvendServer, TokenvendServer, str, DevIdm]]:
     idm, idm_url = dev_idm_server
     idm.reset()
     asyncio.run(_pg_execute(postgres_url.replace("+asyncpg", ""), f"TRUNCATE {TABLES} CASCADE"))
     admin = issue_key().key.get_secret_value()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENVEND_")}
-    env |= {
+    env = {
         "TOKENVEND_DATABASE_URL": postgres_url,
         "TOKENVEND_REDIS_URL": cluster,
         "TOKENVEND_REDIS_CLUSTER": "true",
@@ -184,17 +152,11 @@ def servers(
         "TOKENVEND_PHRASE_US_URL": idm_url,
         "TOKENVEND_LOG_LEVEL": "WARNING",
     }
-    a = Server(env, tmp_path / "a.log")
-    try:
-        b = Server(env, tmp_path / "b.log")
-    except BaseException:
-        a.stop()
-        raise
-    try:
+    with (
+        TokenvendServer(tmp_path, env, name="a") as a,
+        TokenvendServer(tmp_path, env, name="b") as b,
+    ):
         yield a, b, admin, idm
-    finally:
-        a.stop()
-        b.stop()
 
 
 async def seed(url: str, admin: str) -> dict[str, str]:
@@ -212,7 +174,7 @@ async def seed(url: str, admin: str) -> dict[str, str]:
 
 class TestRedisCluster:
     async def test_miss_hit_and_single_flight_across_two_processes(
-        self, servers: tuple[Server, Server, str, DevIdm]
+        self, servers: tuple[TokenvendServer, TokenvendServer, str, DevIdm]
     ) -> None:
         a, b, admin, idm = servers
         client = await seed(a.url, admin)
@@ -229,7 +191,7 @@ class TestRedisCluster:
         assert idm.exchanges == 1
 
     async def test_rotation_through_one_process_is_seen_by_the_other(
-        self, servers: tuple[Server, Server, str, DevIdm]
+        self, servers: tuple[TokenvendServer, TokenvendServer, str, DevIdm]
     ) -> None:
         a, b, admin, idm = servers
         client = await seed(a.url, admin)
@@ -248,7 +210,7 @@ class TestRedisCluster:
         assert idm.exchanges == 2
 
     async def test_eviction_through_one_process_reaches_the_other(
-        self, servers: tuple[Server, Server, str, DevIdm]
+        self, servers: tuple[TokenvendServer, TokenvendServer, str, DevIdm]
     ) -> None:
         a, b, admin, idm = servers
         client = await seed(a.url, admin)
