@@ -25,7 +25,7 @@ from app.core.localcache import Invalidation
 from app.integrations.phrase.client import PhraseIdmClient, build_http_client
 from app.integrations.webhook import WebhookNotifier
 from app.tokens.broker import Broker, CredentialSnapshot, RetryPolicy
-from app.tokens.cache import RedisCache, TieredCache
+from app.tokens.cache import REDIS_FAILURES, RedisCache, TieredCache
 from app.tokens.circuit import CircuitBreaker
 from app.tokens.lookup import CredentialDirectory
 from app.tokens.refresher import Refresher
@@ -78,6 +78,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = create_redis(settings) if settings.redis_url is not None else None
         if redis is not None:
             stack.push_async_callback(redis.aclose)
+            if isinstance(redis, RedisCluster):
+                # Learn the slot map now: left to the first requests, a cold burst initializes
+                # the cluster client concurrently and some of those requests fail (500s seen).
+                try:
+                    await redis.initialize()
+                except REDIS_FAILURES as exc:  # start degraded; the gate probes it later
+                    log.warning("cache.redis.cluster_unreachable error=%s", type(exc).__name__)
         invalidation = Invalidation(redis, f"{settings.redis_prefix}generation")
         shared = None
         if redis is not None:
