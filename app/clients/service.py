@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 from pydantic import SecretStr
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import keys
@@ -35,28 +36,38 @@ async def create_client(session: AsyncSession, data: ClientCreate) -> tuple[Clie
 
 
 async def ensure_admin_key(session: AsyncSession, key: str, name: str = "bootstrap-admin") -> bool:
-    """Make sure an enabled admin holds `key` (TOKENVEND_BOOTSTRAP_ADMIN_KEY); True if created."""
+    """Make sure an enabled admin holds `key` (TOKENVEND_BOOTSTRAP_ADMIN_KEY); True if created.
+
+    Replicas start together and all run this: the insert sits in a savepoint, and the one that
+    loses the race on the unique key id updates the winner's row instead of failing its start.
+    """
     key_id = keys.parse_key_id(key)
     if key_id is None:
         raise ValueError("the bootstrap admin key is not a tvk_<key id>_<secret> key")
-    client = await session.scalar(select(Client).where(Client.key_id == key_id))
-    if client is not None:
-        client.key_digest = keys.digest(key)
-        client.role, client.disabled = Role.ADMIN, False
-        return False
-    session.add(
-        Client(
-            id=uuid.uuid4(),
-            name=name,
-            role=Role.ADMIN,
-            teams=["*"],
-            key_id=key_id,
-            key_digest=keys.digest(key),
-            disabled=False,
-        )
-    )
-    await session.flush()
-    return True
+    digest = keys.digest(key)
+    client = await find_by_key_id(session, key_id)
+    if client is None:
+        try:
+            async with session.begin_nested():
+                session.add(
+                    Client(
+                        id=uuid.uuid4(),
+                        name=name,
+                        role=Role.ADMIN,
+                        teams=["*"],
+                        key_id=key_id,
+                        key_digest=digest,
+                        disabled=False,
+                    )
+                )
+            return True
+        except IntegrityError:
+            client = await find_by_key_id(session, key_id)
+            if client is None:
+                raise
+    client.key_digest = digest
+    client.role, client.disabled = Role.ADMIN, False
+    return False
 
 
 async def get_client(session: AsyncSession, client_id: uuid.UUID) -> Client:
