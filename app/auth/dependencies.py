@@ -66,12 +66,8 @@ async def admit_key(infra: Infra, key: str) -> tuple[Principal | None, float]:
     return principal, wait
 
 
-async def current_client(
-    request: Request,
-    infra: InfraDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
-) -> Principal:
-    key = credentials.credentials.strip() if credentials else ""
+async def client_for_key(request: Request, infra: Infra, key: str) -> Principal:
+    """The caller presenting `key`, admitted by its rate limit; refuses with 401 or 429."""
     principal, wait = await admit_key(infra, key)
     if principal is None:
         infra.audit.record(denial(request, "unauthenticated", None, None))
@@ -81,6 +77,16 @@ async def current_client(
     if wait > 0:
         raise RateLimited(wait)
     return principal
+
+
+async def current_client(
+    request: Request,
+    infra: InfraDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+) -> Principal:
+    return await client_for_key(
+        request, infra, credentials.credentials.strip() if credentials else ""
+    )
 
 
 CurrentClient = Annotated[Principal, Depends(current_client)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -9,6 +10,7 @@ import uuid
 from contextvars import ContextVar
 
 import orjson
+from prometheus_client import Counter, Histogram
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,6 +37,19 @@ DOCS_CSP = (
     b"default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
     b"img-src 'self' data:; frame-ancestors 'none'",
 )
+
+
+@functools.cache
+def _series(route: str, method: str, status: int) -> tuple[Counter, Histogram]:
+    # `labels()` validates and takes a lock on every call; the children are looked up once. The
+    # key space is bounded: route templates x methods x the statuses the app answers with.
+    return REQUESTS.labels(route, method, str(status)), REQUEST_DURATION.labels(route, method)
+
+
+def _count(route: str, method: str, status: int, elapsed: float) -> None:
+    requests, duration = _series(route, method, status)
+    requests.inc()
+    duration.observe(elapsed)
 
 
 class RequestContextMiddleware:
@@ -81,8 +96,7 @@ class RequestContextMiddleware:
             route = f"{scope.get('root_path', '')}{route}" if route else "unmatched"
             method = scope["method"] if scope["method"] in _METHODS else "OTHER"
             elapsed = time.perf_counter() - started
-            REQUESTS.labels(route, method, str(status)).inc()
-            REQUEST_DURATION.labels(route, method).observe(elapsed)
+            _count(route, method, status, elapsed)
             if self.access_log and access_log.isEnabledFor(logging.INFO):
                 client = getattr(scope["state"].get("client"), "id", None)
                 access_log.info(
@@ -117,12 +131,21 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        chunked = False
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit() or int(value) > self.max_bytes:
                     await self._refuse(scope, send)
                     return
                 break
+            if name == b"transfer-encoding":
+                chunked = True
+        else:
+            if (
+                not chunked
+            ):  # no body at all (HTTP/1.1: neither length nor chunks): nothing to count
+                await self.app(scope, receive, send)
+                return
         seen = 0
         started = False
 
