@@ -54,6 +54,7 @@ class Target:
     suffix: str = ""
     count: int = 0
     has_metrics: bool = True  # serves tokenvend's /metrics (the reference does not)
+    pids: tuple[int, ...] = ()  # the server's workers, whose CPU time is charged to the target
 
     @property
     def fixed_path(self) -> str:

@@ -117,7 +117,13 @@ async def prepare(ctx: Context, *, cold: bool, scale: bool) -> None:
 
 
 def _token_target(name: str, server: HttpServer, client: SeededClient, team: str) -> Target:
-    return Target(name, server.port, client.headers, TOKEN_PATH.format(team=team))
+    return Target(
+        name,
+        server.port,
+        client.headers,
+        TOKEN_PATH.format(team=team),
+        pids=tuple(server.worker_pids()),
+    )
 
 
 async def rotation(
@@ -139,14 +145,19 @@ async def rotation(
         for target in targets:
             before = await ctx.stack.database_transactions()
             metrics_before = await target_counters(target)
+            cpu_before = sum(cpu_seconds(pid) for pid in target.pids)
             figures = await drive(
                 target, connections=opts.connections, duration=opts.duration, loadgen=opts.loadgen
             )
+            cpu = sum(cpu_seconds(pid) for pid in target.pids) - cpu_before
             if not opts.quick:
                 await asyncio.sleep(1.1)  # backends report their counts after a second idle
             transactions = await ctx.stack.database_transactions() - before
             row = figures.as_dict()
             row["db_transactions"] = transactions
+            # The server's CPU per request: what throughput means on a busy two-core machine,
+            # without the noise of how much CPU the load generator and Redis left over.
+            row["cpu_us_per_request"] = cpu / max(figures.requests, 1) * 1e6
             row["db_transactions_per_1k_requests"] = transactions / max(figures.requests, 1) * 1000
             row["metrics"] = counter_deltas(metrics_before, await target_counters(target))
             fallbacks = sum(
@@ -155,6 +166,7 @@ async def rotation(
             rounds[target.name].append(row)
             cells.append(
                 _cell(figures)
+                + f" cpu {row['cpu_us_per_request']:.0f} us/req"
                 + f" db tx/1k req {row['db_transactions_per_1k_requests']:.1f}"
                 + (f" redis fallbacks {fallbacks:g}" if fallbacks else "")
             )
@@ -174,6 +186,7 @@ def summarize(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, fl
             "p50_ms": median([r["p50_ms"] for r in rows]),
             "p99_ms": median([r["p99_ms"] for r in rows]),
             "db_tx_per_1k": median([r["db_transactions_per_1k_requests"] for r in rows]),
+            "cpu_us_per_request": median([r["cpu_us_per_request"] for r in rows]),
             "valid": all(r["non2xx"] == 0 and r["errors"] == 0 for r in rows),
         }
         for name, rows in rounds.items()
@@ -200,6 +213,7 @@ async def cached(ctx: Context, *, with_reference: bool, with_workers: bool) -> d
                 {"Authorization": f"Bearer {stack.reference_token}"},
                 TOKEN_PATH.format(team=BENCH_TEAM),
                 has_metrics=False,
+                pids=tuple(stack.reference.worker_pids()),
             )
         )
     targets.append(_token_target("tokenvend-w1", ctx.w1, ctx.service, BENCH_TEAM))
@@ -214,6 +228,8 @@ async def cached(ctx: Context, *, with_reference: bool, with_workers: bool) -> d
         result["ratio_rps"] = {"rounds": rps, "median": median(rps)}
         result["ratio_p99"] = {"rounds": p99, "median": median(p99)}
         result["ratio_p50"] = {"rounds": p50, "median": median(p50)}
+        cpu = round_ratios(rounds, "tokenvend-w1", "reference", "cpu_us_per_request")
+        result["ratio_cpu"] = {"rounds": cpu, "median": median(cpu)}
     if with_workers:
         scaling = round_ratios(rounds, "tokenvend-w2", "tokenvend-w1", "rps")
         result["workers_ratio_rps"] = {"rounds": scaling, "median": median(scaling)}
@@ -351,6 +367,7 @@ async def scale(ctx: Context) -> dict[str, Any]:
             "/v1/teams/scale-",
             "/token",
             count=n,
+            pids=tuple(ctx.w1.worker_pids()),
         ),
     ]
     rounds = await rotation(ctx, targets, label="scale")
