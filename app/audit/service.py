@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import orjson
 from sqlalchemy import insert, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.audit.models import AuditEvent
@@ -53,11 +53,44 @@ CHANGED = "tokenvend.changed"
 
 
 _FIELDS = tuple(f.name for f in fields(AuditRecord))
+_TABLE = AuditEvent.metadata.tables[AuditEvent.__tablename__]
+_PLAIN = tuple(name for name in _FIELDS if name != "details")  # COPY sends JSON as text
+
+
+def _json(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
 
 
 def _row(record: AuditRecord) -> dict[str, Any]:
     # Shallow: dataclasses.asdict deep-copies every value, a measurable cost at vend rates.
     return {name: getattr(record, name) for name in _FIELDS}
+
+
+async def _write(session: AsyncSession, batch: Sequence[AuditRecord]) -> None:
+    """One batch in the session's transaction. On PostgreSQL by COPY, which costs a third of the
+    CPU of an INSERT per row (the writer shares the process with the vends it records)."""
+    conn = await session.connection()
+    if conn.dialect.driver == "asyncpg":
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        rows = [
+            (
+                *(getattr(r, name) for name in _PLAIN),
+                None if r.details is None else _json(r.details),
+            )
+            for r in batch
+        ]
+        try:
+            await raw.copy_records_to_table(
+                AuditEvent.__tablename__, records=rows, columns=(*_PLAIN, "details")
+            )
+        except BaseException:
+            # Past SQLAlchemy, so its disconnect handling is ours: a connection in an unknown
+            # state must not go back to the pool.
+            await conn.invalidate()
+            raise
+    else:
+        await conn.execute(insert(_TABLE), [_row(r) for r in batch])
 
 
 def add(session: AsyncSession, record: AuditRecord) -> None:
@@ -139,8 +172,10 @@ class AuditLog:
             self._wake.clear()
             try:
                 await self.flush()
-            except (SQLAlchemyError, OSError):
-                log.warning("audit.flush.failed pending=%d", self.pending)
+            except Exception as exc:  # the writer outlives any failed batch; the batch is kept
+                log.warning(
+                    "audit.flush.failed pending=%d error=%s", self.pending, type(exc).__name__
+                )
             AUDIT_PENDING.set(self.pending)
 
     async def flush(self) -> None:
@@ -151,7 +186,7 @@ class AuditLog:
             self._writing = len(batch)
             try:
                 async with self._sessionmaker() as session, session.begin():
-                    await session.execute(insert(AuditEvent), [_row(r) for r in batch])
+                    await _write(session, batch)
             except BaseException:
                 self._buffer[:0] = batch  # keep them for the next attempt; nothing is lost
                 if self._failing_since is None:
