@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import time
-import uuid
 from contextvars import ContextVar
 
 import orjson
@@ -69,7 +69,7 @@ class RequestContextMiddleware:
             if name == b"x-request-id":
                 rid = value
                 break
-        request_id = rid.decode() if _VALID_ID.match(rid) else uuid.uuid4().hex
+        request_id = rid.decode() if _VALID_ID.match(rid) else os.urandom(16).hex()
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
         started = time.perf_counter()

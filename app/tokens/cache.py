@@ -28,13 +28,14 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisClusterException, RedisError
 
 from app.core.crypto import DecryptionFailed, Keyring, Sealed
+from app.core.jwt import fingerprint
 from app.core.localcache import Invalidation
 from app.metrics.registry import CACHE_FALLBACKS
 
@@ -45,6 +46,11 @@ log = logging.getLogger(__name__)
 class CachedJwt:
     access_token: str
     expires_at: float  # epoch seconds
+    # For the audit record of every vend: computed once per JWT, not once per request.
+    fingerprint: str = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fingerprint", fingerprint(self.access_token))
 
     def __repr__(self) -> str:
         return f"CachedJwt(expires_at={self.expires_at})"

@@ -34,6 +34,7 @@ CredentialParam = Annotated[
     ),
 ]
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_NO_STORE_RAW = [(k.lower().encode(), v.encode()) for k, v in NO_STORE.items()]
 
 # What the declared parameters accept, for the fast path below (anything else is not fast).
 _SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -186,9 +187,9 @@ async def _vend(
         "region": cred.region,
         "cache": vended.cache,
     }
-    return Response(
-        orjson.dumps(body, option=orjson.OPT_UTC_Z), media_type="application/json", headers=NO_STORE
-    )
+    response = Response(orjson.dumps(body, option=orjson.OPT_UTC_Z), media_type="application/json")
+    response.raw_headers.extend(_NO_STORE_RAW)
+    return response
 
 
 @router.delete(
