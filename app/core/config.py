@@ -92,6 +92,12 @@ class Settings(DatabaseSettings):
     rate_limit_burst: int = Field(2000, ge=1, le=10_000_000)
     db_timeout_seconds: Seconds = 1.0
     redis_timeout_seconds: Seconds = 0.5
+    redis_max_connections: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Redis connections per worker; beyond them a command waits (up to the timeout)",
+    )
     bootstrap_admin_key: SecretStr | None = None
     docs_enabled: bool = True
     max_body_bytes: int = Field(65536, ge=1024, le=10 * 1024 * 1024)

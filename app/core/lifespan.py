@@ -7,12 +7,15 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any, cast
 
 from fastapi import FastAPI
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.driver_info import DriverInfo
+from redis.maint_notifications import MaintNotificationsConfig
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.audit.service import AuditLog, AuditRecord
@@ -56,7 +59,10 @@ def create_redis(settings: Settings) -> Redis:
         "socket_timeout": settings.redis_timeout_seconds,
         "socket_connect_timeout": settings.redis_timeout_seconds,
         "retry": Retry(NoBackoff(), 0),
-        "max_connections": 256,
+        "max_connections": settings.redis_max_connections,
+        # A burst opens connections by the dozen. Left to itself redis-py reads its own version
+        # from the package metadata for every new connection: about 1.6 ms of CPU each.
+        "driver_info": DriverInfo(lib_version=version("redis")),
     }
     url = settings.redis_url.get_secret_value()
     if settings.redis_cluster:
@@ -64,7 +70,18 @@ def create_redis(settings: Settings) -> Redis:
         # negative cache share a slot and its scripts run on one shard.
         cluster = RedisCluster.from_url(url, cluster_error_retry_attempts=1, **options)
         return cast(Redis, cluster)  # the same command surface for what tokenvend uses
-    return Redis.from_url(url, health_check_interval=30, **options)
+    # A blocking pool: in a burst, a command waits for a free connection (up to the timeout)
+    # rather than failing with "too many connections" and sending the worker into degraded mode.
+    # No maintenance-notification handshake (a Redis Enterprise feature tokenvend does not use):
+    # a round trip and about 0.5 ms of CPU less per new connection.
+    pool = BlockingConnectionPool.from_url(
+        url,
+        timeout=settings.redis_timeout_seconds,
+        health_check_interval=30,
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        **options,
+    )
+    return Redis.from_pool(pool)
 
 
 @asynccontextmanager
