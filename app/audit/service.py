@@ -159,7 +159,11 @@ class AuditLog:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            # A write under way finishes first (bounded by the database timeouts): cancelled in
+            # the middle of its transaction it could leave the connection holding a lock (SQLite
+            # then refuses the final flush below with "database is locked").
+            async with self._lock:
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.flush()
