@@ -175,9 +175,12 @@ class Broker:
         deadline = time.monotonic() + self._deadline
         if rejected_sha256 is not None:
             return await self._vend_replacing(cred, min_ttl, rejected_sha256.lower(), deadline)
-        cached = await self.cache.get(cred.id, cred.version)
-        if cached is not None and cached.remaining() >= min_ttl:
-            return Vended(cached, "hit")
+        if (cred.id, cred.version) not in self._inflight:
+            # While this process is exchanging for the credential, the cache holds nothing
+            # better: join the flight without asking Redis (a cold burst's thousand callers).
+            cached = await self.cache.get(cred.id, cred.version)
+            if cached is not None and cached.remaining() >= min_ttl:
+                return Vended(cached, "hit")
         for _ in range(2):
             # A second round when the flight we joined settled for a JWT shorter than we need.
             jwt = await self._single_flight(cred, lambda j: j.remaining() >= min_ttl, deadline)
