@@ -117,11 +117,6 @@ class TestDatabaseDown:
             ready = await app.http.get("/readyz")
             assert ready.status_code == 503
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="a refused or timed-out connect is a bare OSError from asyncpg, which SQLAlchemy "
-        "does not wrap: it is answered as `dependency-unavailable`",
-    )
     async def test_the_problem_says_the_database_is_unavailable(
         self, env: Env, pg_proxy: TcpProxy
     ) -> None:

@@ -9,6 +9,7 @@ from fastapi import Depends, Query, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit.service import CHANGED
+from app.core.errors import DatabaseUnavailable
 from app.core.lifespan import Infra
 from app.core.schemas import MAX_PAGE
 
@@ -27,8 +28,13 @@ async def get_session(infra: InfraDep) -> AsyncIterator[AsyncSession]:
     After a committed admin change, every replica drops its in-process caches on its next
     request (the cache generation is bumped)."""
     async with infra.sessionmaker() as session:
-        async with session.begin():
-            yield session
+        try:
+            async with session.begin():
+                yield session
+        except OSError as exc:
+            # A refused or timed-out connect: asyncpg raises it bare and SQLAlchemy does not wrap
+            # it, so it would read as some dependency; in this transaction it is the database.
+            raise DatabaseUnavailable("the database did not answer in time") from exc
         if session.info.get(CHANGED):
             await infra.invalidation.bump()
 

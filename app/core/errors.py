@@ -56,6 +56,11 @@ class DependencyUnavailable(TokenvendError):
         self.retry_after = retry_after
 
 
+class DatabaseUnavailable(DependencyUnavailable):
+    code = "database-unavailable"
+    title = "Database unavailable"
+
+
 class UpstreamError(TokenvendError):
     """Base of the Phrase IdM failures (see `app.integrations.phrase.client`)."""
 
