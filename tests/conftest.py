@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from redis import Redis as SyncRedis
 
 from app.auth import keys
 from app.cli import upgrade_database
@@ -28,7 +26,13 @@ from app.core.config import Settings
 from app.core.crypto import Keyring
 from app.integrations.phrase.dev_idm import ACCEPTED_PREFIX, DevIdm, create_dev_idm_app
 from app.main import create_app
-from tests.fixtures.services import PG_ADMIN_URL, REDIS_URL, require_postgres, require_redis
+from tests.fixtures.services import (
+    REDIS_URL,
+    asyncpg_url,
+    fresh_database,
+    pg_execute,
+    redis_prefix,
+)
 from tests.support.servers import ServerThread
 
 BACKENDS = ["sqlite-memory", "postgres-redis"]
@@ -58,22 +62,10 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    require_postgres()
-    name = f"tokenvend_test_{uuid.uuid4().hex[:12]}"
-
-    asyncio.run(_pg_execute(PG_ADMIN_URL, f'CREATE DATABASE "{name}"'))
-    url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    upgrade_database(url)
-    yield url
-    asyncio.run(_pg_execute(PG_ADMIN_URL, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-async def _pg_execute(url: str, sql: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
+    with fresh_database("test") as name:
+        url = asyncpg_url(name)
+        upgrade_database(url)
+        yield url
 
 
 @dataclass
@@ -123,17 +115,17 @@ def env(
         yield Env(backend, settings, admin_key, idm)
         return
     pg_url: str = request.getfixturevalue("postgres_url")
-    require_redis()
-    asyncio.run(_pg_execute(pg_url.replace("+asyncpg", ""), f"TRUNCATE {TABLES} CASCADE"))
-    prefix = f"tokenvend:test:{uuid.uuid4().hex[:12]}:"
-    settings = make_settings(
-        database_url=pg_url, redis_url=REDIS_URL, redis_prefix=prefix, **common
-    )
-    yield Env(backend, settings, admin_key, idm)
-    redis = SyncRedis.from_url(REDIS_URL)
-    for key in redis.scan_iter(match=f"{prefix}*", count=1000):
-        redis.delete(key)
-    redis.close()
+    asyncio.run(truncate(pg_url))
+    with redis_prefix() as prefix:
+        settings = make_settings(
+            database_url=pg_url, redis_url=REDIS_URL, redis_prefix=prefix, **common
+        )
+        yield Env(backend, settings, admin_key, idm)
+
+
+async def truncate(url: str) -> None:
+    """Empty every table of the test database at `url` (a SQLAlchemy asyncpg URL)."""
+    await pg_execute(f"TRUNCATE {TABLES} CASCADE", url.replace("+asyncpg", ""))
 
 
 @pytest.fixture

@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import importlib
 import pkgutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -27,7 +25,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 import app
 from app.cli import ROOT
 from app.core.db import Base
-from tests.fixtures.services import PG_ADMIN_URL, require_postgres
+from tests.fixtures.services import asyncpg_url, fresh_database
 
 VERSION_TABLE = "alembic_version"
 
@@ -72,27 +70,14 @@ def inspect_schema(url: str) -> dict[str, Any]:
     return asyncio.run(run())
 
 
-async def _pg_execute(sql: str) -> None:
-    connection = await asyncpg.connect(PG_ADMIN_URL)
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty database of each backend, thrown away after the test."""
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'migrations.db'}"
         return
-    require_postgres()
-    name = f"tokenvend_migrations_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_pg_execute(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        asyncio.run(_pg_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_database("migrations") as name:
+        yield asyncpg_url(name)
 
 
 def head_revision(config: Config) -> str:

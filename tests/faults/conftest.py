@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from jose import jwt as jose_jwt
@@ -28,7 +27,11 @@ from app.auth.keys import issue_key
 from app.cli import upgrade_database
 from app.core.crypto import Keyring
 from app.integrations.phrase.dev_idm import ACCEPTED_PREFIX, DevIdm, create_dev_idm_app
-from tests.fixtures.services import PG_ADMIN_URL, require_postgres, require_redis
+from tests.fixtures.services import (
+    asyncpg_url,
+    fresh_database,
+    require_redis,
+)
 from tests.support.processes import RedisServer, TokenvendServer, require_binary
 from tests.support.servers import ServerThread
 
@@ -97,26 +100,13 @@ def fault_idm(fault_idm_server: tuple[CountingDevIdm, str]) -> Iterator[Counting
 # --- PostgreSQL, keys, Redis, servers --------------------------------------------------------
 
 
-async def _pg_execute(sql: str) -> None:
-    conn = await asyncpg.connect(PG_ADMIN_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def database_url() -> Iterator[str]:
     """A fresh, migrated PostgreSQL database for the module, dropped afterwards."""
-    require_postgres()
-    name = f"tokenvend_fault_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_pg_execute(f'CREATE DATABASE "{name}"'))
-    try:
-        url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    with fresh_database("fault") as name:
+        url = asyncpg_url(name)
         upgrade_database(url)
         yield url
-    finally:
-        asyncio.run(_pg_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @dataclass(frozen=True)

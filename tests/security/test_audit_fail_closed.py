@@ -20,13 +20,12 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from redis import Redis as SyncRedis
 
 from app.audit.service import AuditLog
 from app.auth.keys import issue_key
 from app.integrations.phrase.dev_idm import ACCEPTED_PREFIX, DevIdm
-from tests.conftest import TABLES, _pg_execute, make_settings
-from tests.fixtures.services import REDIS_URL, require_redis
+from tests.conftest import make_settings, truncate
+from tests.fixtures.services import REDIS_URL, redis_prefix
 from tests.security import serving
 from tests.support.tcp_proxy import TcpProxy
 
@@ -72,29 +71,24 @@ class Stack:
 
 
 @pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    require_redis()
-    prefix = f"tokenvend:test:audit:{uuid.uuid4().hex[:12]}:"
-    yield prefix
-    redis = SyncRedis.from_url(REDIS_URL)
-    for key in redis.scan_iter(match=f"{prefix}*", count=1000):
-        redis.delete(key)
-    redis.close()
+def audit_prefix() -> Iterator[str]:
+    with redis_prefix("audit") as prefix:
+        yield prefix
 
 
 @pytest.fixture
 async def stack(
-    postgres_url: str, redis_prefix: str, dev_idm_server: tuple[DevIdm, str], idm: DevIdm
+    postgres_url: str, audit_prefix: str, dev_idm_server: tuple[DevIdm, str], idm: DevIdm
 ) -> AsyncIterator[Stack]:
+    await truncate(postgres_url)
     direct = postgres_url.replace("+asyncpg", "")
-    await _pg_execute(direct, f"TRUNCATE {TABLES} CASCADE")
     database = postgres_url.rsplit("/", 1)[1]
     admin_key = issue_key().key.get_secret_value()
     with TcpProxy("127.0.0.1", 5432) as proxy:
         settings = make_settings(
             database_url=f"postgresql+asyncpg://postgres@127.0.0.1:{proxy.port}/{database}",
             redis_url=REDIS_URL,
-            redis_prefix=redis_prefix,
+            redis_prefix=audit_prefix,
             phrase_eu_url=dev_idm_server[1],
             phrase_us_url=dev_idm_server[1],
             bootstrap_admin_key=admin_key,

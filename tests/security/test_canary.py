@@ -22,21 +22,18 @@ that issued it, a JWT in the token response that vended it. Run with `-s` for th
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import secrets
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote, quote_plus
 
-import asyncpg
 import httpx
 import pytest
 from redis import Redis as SyncRedis
@@ -45,7 +42,11 @@ from app.auth.keys import issue_key
 from app.cli import upgrade_database
 from app.core.crypto import KEY_BYTES
 from app.integrations.phrase.dev_idm import DevIdm, DevIdmMode, create_dev_idm_app
-from tests.fixtures.services import PG_ADMIN_URL, require_postgres, require_redis
+from tests.fixtures.services import (
+    asyncpg_url,
+    fresh_database,
+    require_redis,
+)
 from tests.support.processes import RedisServer, TokenvendServer, require_binary
 from tests.support.servers import ServerThread
 from tests.support.tcp_proxy import TcpProxy
@@ -206,14 +207,6 @@ class PasswordRedis(RedisServer):
         return b"\n".join(parts)
 
 
-async def _pg(sql: str) -> None:
-    conn = await asyncpg.connect(PG_ADMIN_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="tokenvend-canary-") as path:
@@ -224,15 +217,10 @@ def workdir() -> Iterator[Path]:
 def database() -> Iterator[str]:
     """A fresh migrated PostgreSQL database for this module: its dump holds only what this test
     did."""
-    require_postgres()
     require_binary("pg_dump")
-    name = f"tokenvend_canary_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_pg(f'CREATE DATABASE "{name}"'))
-    try:
-        upgrade_database(f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}")
+    with fresh_database("canary") as name:
+        upgrade_database(asyncpg_url(name))
         yield name
-    finally:
-        asyncio.run(_pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="module")

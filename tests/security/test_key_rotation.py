@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
-from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from sqlalchemy import func, select, text
 
@@ -33,8 +32,8 @@ from app.integrations.phrase.dev_idm import ACCEPTED_PREFIX, DevIdm
 from app.teams.schemas import TeamCreate
 from app.teams.service import create_team
 from app.tokens.cache import CachedJwt, RedisCache
-from tests.conftest import TABLES, _pg_execute, make_settings
-from tests.fixtures.services import REDIS_URL, require_redis
+from tests.conftest import make_settings, truncate
+from tests.fixtures.services import REDIS_URL, redis_prefix
 from tests.security import serving
 from tests.support.processes import clean_environ, tokenvend_argv
 
@@ -83,18 +82,13 @@ def counts(output: str) -> dict[str, int | str]:
 
 @pytest.fixture
 def prefix() -> Iterator[str]:
-    require_redis()
-    prefix = f"tokenvend:test:rotation:{uuid.uuid4().hex[:12]}:"
-    yield prefix
-    redis = SyncRedis.from_url(REDIS_URL)
-    for key in redis.scan_iter(match=f"{prefix}*", count=1000):
-        redis.delete(key)
-    redis.close()
+    with redis_prefix("rotation") as prefix:
+        yield prefix
 
 
 @pytest.fixture
 def database_url(postgres_url: str) -> str:
-    asyncio.run(_pg_execute(postgres_url.replace("+asyncpg", ""), f"TRUNCATE {TABLES} CASCADE"))
+    asyncio.run(truncate(postgres_url))
     return postgres_url
 
 

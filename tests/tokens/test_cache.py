@@ -8,12 +8,11 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from app.core.crypto import Keyring
 from app.tokens.cache import CachedJwt, MemoryCache, RedisCache, TokenCache
-from tests.fixtures.services import REDIS_URL, require_redis
+from tests.fixtures.services import REDIS_URL, redis_prefix
 
 KEYRING = Keyring.parse(Keyring.generate_spec("cache"))
 
@@ -21,13 +20,8 @@ KEYRING = Keyring.parse(Keyring.generate_spec("cache"))
 @pytest.fixture
 def prefix() -> Iterator[str]:
     """A key prefix of this test's own, removed afterwards (sync, so async fixtures can ask)."""
-    require_redis()
-    prefix = f"tokenvend:test:{uuid.uuid4().hex[:12]}:"
-    yield prefix
-    sync = SyncRedis.from_url(REDIS_URL)
-    for key in sync.scan_iter(match=f"{prefix}*"):
-        sync.delete(key)
-    sync.close()
+    with redis_prefix() as prefix:
+        yield prefix
 
 
 @pytest.fixture

@@ -147,3 +147,12 @@ async def test_both_paths_answer_alike(
         _same(fast_again, declared)
         assert fast.status_code == declared.status_code
     assert taken == [True, False, True] * len(cases)
+
+
+def test_the_parsed_request_keeps_the_client_key_out_of_its_repr() -> None:
+    key = "tvk_0123456789abcdef_" + "s" * 43
+    parsed = _well_formed(_request("acme", [("min_ttl", "60")], f"Bearer {key}"))
+    assert parsed is not None
+    assert parsed.key == key
+    assert key not in repr(parsed)
+    assert "acme" in repr(parsed)
