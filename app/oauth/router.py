@@ -68,6 +68,7 @@ from app.oauth.schemas import (
     parse_min_ttl,
     resolve_target,
 )
+from app.tokens.schemas import NO_STORE
 from app.tokens.service import vend_for
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,6 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["oauth"])
 
 REALM = "tokenvend"
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 BASIC_CHALLENGE = {"WWW-Authenticate": f'Basic realm="{REALM}"'}
 
 

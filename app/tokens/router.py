@@ -4,7 +4,8 @@ import datetime as dt
 import math
 import re
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 import orjson
@@ -22,7 +23,7 @@ from app.core.problems import AUTHENTICATED, responses
 from app.core.schemas import SLUG_PATTERN
 from app.credentials.service import evict_jwt, find_for_vend
 from app.teams.router import TeamSlug
-from app.tokens.schemas import ISSUED_TOKEN_TYPE, EvictResponse, TokenResponse
+from app.tokens.schemas import ISSUED_TOKEN_TYPE, NO_STORE, EvictResponse, TokenResponse
 from app.tokens.service import vend_for
 
 router = APIRouter(prefix="/v1/teams/{team}/token", tags=["tokens"])
@@ -33,7 +34,6 @@ CredentialParam = Annotated[
         pattern=SLUG_PATTERN, max_length=63, description="Credential name.", examples=["default"]
     ),
 ]
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 _NO_STORE_RAW = [(k.lower().encode(), v.encode()) for k, v in NO_STORE.items()]
 
 # What the declared parameters accept, for the fast path below (anything else is not fast).
@@ -43,8 +43,9 @@ _MAX_MIN_TTL = 3600
 _QUERY = frozenset({"credential", "min_ttl", "rejected_sha256"})
 
 
-class _Vend(NamedTuple):
-    key: str
+@dataclass(frozen=True, slots=True)
+class _Vend:
+    key: str = field(repr=False)  # the client's secret: never in a repr
     team: str
     credential: str
     min_ttl: int | None

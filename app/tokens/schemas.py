@@ -8,6 +8,8 @@ from pydantic import BaseModel, Field
 from app.core.config import Region
 
 ISSUED_TOKEN_TYPE: Final = "urn:ietf:params:oauth:token-type:access_token"
+# On every response that carries a JWT (RFC 6749 5.1).
+NO_STORE: Final = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
 class TokenResponse(BaseModel):
