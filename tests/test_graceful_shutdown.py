@@ -14,7 +14,7 @@ import httpx
 from app.auth.keys import issue_key
 from app.core.crypto import Keyring
 from app.integrations.phrase.dev_idm import DevIdm, DevIdmMode
-from tests.conftest import TABLES, _pg_execute
+from tests.conftest import truncate
 from tests.fixtures.services import REDIS_URL, require_redis
 from tests.support.processes import TokenvendServer
 
@@ -28,7 +28,7 @@ async def test_sigterm_lets_in_flight_requests_finish_and_flushes_the_audit(
     idm, idm_url = dev_idm_server
     idm.reset()
     plain_pg = postgres_url.replace("+asyncpg", "")
-    await _pg_execute(plain_pg, f"TRUNCATE {TABLES} CASCADE")
+    await truncate(postgres_url)
     admin = issue_key().key.get_secret_value()
     env = {
         "TOKENVEND_DATABASE_URL": postgres_url,

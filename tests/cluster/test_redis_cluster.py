@@ -19,7 +19,7 @@ from jose import jwt as jose_jwt
 from app.auth.keys import issue_key
 from app.core.crypto import Keyring
 from app.integrations.phrase.dev_idm import DevIdm, DevIdmMode
-from tests.conftest import TABLES, _pg_execute
+from tests.conftest import truncate
 from tests.fixtures.services import require_redis
 from tests.support.processes import TokenvendServer
 
@@ -139,7 +139,7 @@ def servers(
 ) -> Iterator[tuple[TokenvendServer, TokenvendServer, str, DevIdm]]:
     idm, idm_url = dev_idm_server
     idm.reset()
-    asyncio.run(_pg_execute(postgres_url.replace("+asyncpg", ""), f"TRUNCATE {TABLES} CASCADE"))
+    asyncio.run(truncate(postgres_url))
     admin = issue_key().key.get_secret_value()
     env = {
         "TOKENVEND_DATABASE_URL": postgres_url,
