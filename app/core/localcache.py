@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from typing import Any, Generic, TypeVar
 
@@ -172,3 +172,66 @@ class Coalescer(Generic[K, V]):
             del self._inflight[key]
         if not task.cancelled():
             task.exception()  # retrieved: a failure every waiter gave up on is not "lost"
+
+
+class Batcher(Generic[K, V]):
+    """Concurrent loads share one query. The first key starts a batch at once (idle, a load costs
+    what it always did); keys asked for while that batch runs wait for the next one, which takes
+    all of them. So a burst of a hundred cold keys makes a handful of queries on one pooled
+    connection instead of a hundred transactions that drain the pool and open new connections.
+
+    `load_many` returns, for each key, its value or the exception its callers get; a key it leaves
+    out, or a failure of the whole batch, fails that key's callers. Equal keys share one load.
+    """
+
+    def __init__(
+        self,
+        load_many: Callable[[list[K]], Coroutine[Any, Any, Mapping[K, V | Exception]]],
+        *,
+        max_batch: int = 100,
+    ) -> None:
+        self._load_many = load_many
+        self._max_batch = max_batch
+        self._futures: dict[K, asyncio.Future[V]] = {}  # queued or being loaded
+        self._queue: list[K] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def load(self, key: K) -> V:
+        future = self._futures.get(key)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            # Retrieved, so a failure every caller gave up on is not reported as lost.
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._futures[key] = future
+            self._queue.append(key)
+            if self._task is None:
+                self._task = asyncio.create_task(self._run())
+        # Shielded: one caller giving up must not cancel the load the others wait for.
+        return await asyncio.shield(future)
+
+    async def _run(self) -> None:
+        try:
+            while self._queue:
+                keys = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                try:
+                    results: Mapping[K, V | Exception] = await self._load_many(keys)
+                except Exception as exc:
+                    results = dict.fromkeys(keys, exc)
+                for key in keys:
+                    future = self._futures.pop(key)
+                    result = results.get(key)
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    elif result is None and key not in results:
+                        future.set_exception(LookupError(f"the batch left {key!r} out"))
+                    else:
+                        future.set_result(result)  # type: ignore[arg-type]
+        finally:
+            self._task = None
+            # Cancelled (shutdown): nobody will load what is left, so nobody may wait for it.
+            for future in self._futures.values():
+                if not future.done():
+                    future.set_exception(RuntimeError("the batch was cancelled"))
+            self._futures.clear()
+            self._queue.clear()

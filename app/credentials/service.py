@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -63,21 +63,40 @@ async def get_credential(session: AsyncSession, team: Team, name: str) -> Creden
     return cred
 
 
+async def find_many_for_vend(
+    session: AsyncSession, wanted: Collection[tuple[str, str]]
+) -> dict[tuple[str, str], Credential | TeamNotFound | CredentialNotFound]:
+    """One query from (team slug, credential name) pairs to their rows, or to why there is none."""
+    slugs = {slug for slug, _ in wanted}
+    names = {name for _, name in wanted}
+    rows = await session.execute(
+        select(Team.slug, Credential)
+        .outerjoin(Credential, (Credential.team_id == Team.id) & Credential.name.in_(names))
+        .where(Team.slug.in_(slugs))
+    )
+    teams: set[str] = set()
+    found: dict[tuple[str, str], Credential] = {}
+    for slug, cred in rows:
+        teams.add(slug)
+        if cred is not None:
+            found[(slug, cred.name)] = cred
+    out: dict[tuple[str, str], Credential | TeamNotFound | CredentialNotFound] = {}
+    for slug, name in wanted:
+        if (slug, name) in found:
+            out[(slug, name)] = found[(slug, name)]
+        elif slug not in teams:
+            out[(slug, name)] = TeamNotFound(f"no team {slug!r}")
+        else:
+            out[(slug, name)] = CredentialNotFound(f"team {slug!r} has no credential {name!r}")
+    return out
+
+
 async def find_for_vend(session: AsyncSession, team_slug: str, name: str) -> Credential:
     """One query from (team slug, credential name) to the row; the team must exist."""
-    row = (
-        await session.execute(
-            select(Team.id, Credential)
-            .outerjoin(Credential, (Credential.team_id == Team.id) & (Credential.name == name))
-            .where(Team.slug == team_slug)
-        )
-    ).first()
-    if row is None:
-        raise TeamNotFound(f"no team {team_slug!r}")
-    if row[1] is None:
-        raise CredentialNotFound(f"team {team_slug!r} has no credential {name!r}")
-    cred: Credential = row[1]
-    return cred
+    found = (await find_many_for_vend(session, [(team_slug, name)]))[(team_slug, name)]
+    if isinstance(found, Exception):
+        raise found
+    return found
 
 
 async def list_credentials(

@@ -24,9 +24,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
-from sqlalchemy import update
+from sqlalchemy import Table, tuple_, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -34,6 +34,7 @@ from app.core.config import Region
 from app.core.crypto import DecryptionFailed, Keyring, Sealed
 from app.core.db import utcnow
 from app.core.jwt import unverified_expiry
+from app.core.localcache import Batcher
 from app.credentials.models import Credential, CredentialStatus
 from app.integrations.phrase.client import (
     CredentialRejected,
@@ -161,6 +162,7 @@ class Broker:
         self._refresh_jitter = refresh_jitter
         self._on_status_change = on_status_change
         self._inflight: dict[tuple[uuid.UUID, int], asyncio.Task[CachedJwt]] = {}
+        self._exchanged: Batcher[tuple[uuid.UUID, int], bool] = Batcher(self._record_exchanged)
 
     @property
     def inflight(self) -> int:
@@ -349,41 +351,64 @@ class Broker:
     async def _record(self, cred: CredentialSnapshot, *, rejected: str | None) -> None:
         """Note the exchange's outcome on the row, and report status changes (rejected or
         recovered) exactly once, however many replicas race. Best effort: the JWT matters more."""
-        now = utcnow()
-        base = update(Credential).where(
-            Credential.id == cred.id,
-            Credential.version == cred.version,
-            Credential.status != CredentialStatus.DISABLED,
-        )
         try:
-            async with self._sessionmaker() as session, session.begin():
-                if rejected is not None:
-                    changed = await session.execute(
-                        base.where(Credential.status != CredentialStatus.REJECTED).values(
-                            status=CredentialStatus.REJECTED,
-                            last_error_code=rejected,
-                            last_error_at=now,
-                        )
-                    )
-                    if not changed.rowcount:  # type: ignore[attr-defined]
-                        await session.execute(
-                            base.values(last_error_code=rejected, last_error_at=now)
-                        )
-                else:
-                    await session.execute(base.values(last_exchange_at=now))
-                    changed = await session.execute(
-                        base.where(Credential.status == CredentialStatus.REJECTED).values(
-                            status=CredentialStatus.ACTIVE, last_error_code=None, last_error_at=None
-                        )
-                    )
-        except SQLAlchemyError:
+            if rejected is None:
+                changed = await self._exchanged.load((cred.id, cred.version))
+            else:
+                changed = await self._record_rejected(cred, rejected)
+        except (SQLAlchemyError, OSError):
             log.warning("credential.status.write_failed credential_id=%s", cred.id)
             return
-        if changed.rowcount and self._on_status_change is not None:  # type: ignore[attr-defined]
+        if changed and self._on_status_change is not None:
             event = "credential.rejected" if rejected is not None else "credential.recovered"
             if rejected is not None:
                 CREDENTIALS_REJECTED.labels(cred.region.value).inc()
             self._on_status_change(cred, event, rejected)
+
+    async def _record_exchanged(
+        self, keys: list[tuple[uuid.UUID, int]]
+    ) -> dict[tuple[uuid.UUID, int], bool]:
+        """Successful exchanges, batched (a cold burst's hundred make one transaction): stamp
+        `last_exchange_at`, and bring rejected credentials back; True for those recovered."""
+        rows = _CREDENTIALS.c
+        these = tuple_(rows.id, rows.version).in_(keys)
+        async with self._sessionmaker() as session, session.begin():
+            await session.execute(
+                update(_CREDENTIALS)
+                .where(these, rows.status != CredentialStatus.DISABLED)
+                .values(last_exchange_at=utcnow())
+            )
+            recovered = await session.execute(
+                update(_CREDENTIALS)
+                .where(these, rows.status == CredentialStatus.REJECTED)
+                .values(status=CredentialStatus.ACTIVE, last_error_code=None, last_error_at=None)
+                .returning(rows.id, rows.version)
+            )
+            back = {(row.id, row.version) for row in recovered}
+        return {key: key in back for key in keys}
+
+    async def _record_rejected(self, cred: CredentialSnapshot, code: str) -> bool:
+        rows = _CREDENTIALS.c
+        base = update(_CREDENTIALS).where(
+            rows.id == cred.id,
+            rows.version == cred.version,
+            rows.status != CredentialStatus.DISABLED,
+        )
+        now = utcnow()
+        async with self._sessionmaker() as session, session.begin():
+            changed = await session.execute(
+                base.where(rows.status != CredentialStatus.REJECTED).values(
+                    status=CredentialStatus.REJECTED, last_error_code=code, last_error_at=now
+                )
+            )
+            if changed.rowcount:  # type: ignore[attr-defined]
+                return True
+            await session.execute(base.values(last_error_code=code, last_error_at=now))
+            return False
+
+
+# Core statements: the ORM's bulk-update bookkeeping costs more than the statements themselves.
+_CREDENTIALS = cast(Table, Credential.__table__)
 
 
 def _result(exc: Exception) -> str:

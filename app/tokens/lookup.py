@@ -11,9 +11,9 @@ import uuid
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.core.localcache import Coalescer, Invalidation, LocalCache
+from app.core.localcache import Batcher, Invalidation, LocalCache
 from app.credentials.models import Credential
-from app.credentials.service import find_for_vend
+from app.credentials.service import find_many_for_vend
 from app.teams.models import Team
 from app.tokens.broker import CredentialSnapshot
 
@@ -32,23 +32,33 @@ class CredentialDirectory:
         self._cache: LocalCache[tuple[str, str], CredentialSnapshot] = LocalCache(
             invalidation, max_age=max_age, max_entries=max_entries
         )
-        self._loads: Coalescer[tuple[str, str, int], CredentialSnapshot] = Coalescer()
+        self._loads: Batcher[tuple[str, str, int], CredentialSnapshot] = Batcher(self._load)
 
     async def find(self, team: str, name: str) -> CredentialSnapshot:
         snapshot = self._cache.get((team, name))
         if snapshot is not None:
             return snapshot
         # Keyed by epoch too: a request after a flush must not join a load begun before it.
-        return await self._loads.load((team, name, self._inv.epoch), lambda: self._load(team, name))
+        return await self._loads.load((team, name, self._inv.epoch))
 
-    async def _load(self, team: str, name: str) -> CredentialSnapshot:
+    async def _load(
+        self, keys: list[tuple[str, str, int]]
+    ) -> dict[tuple[str, str, int], CredentialSnapshot | Exception]:
+        """One short transaction for every credential asked for meanwhile (a cold burst's
+        hundred credentials), holding no pooled connection during an exchange."""
         epoch = self._inv.epoch
-        # A short transaction of its own: no pooled connection is held during an exchange.
         async with self._sessionmaker() as session:
-            cred = await find_for_vend(session, team, name)
-        snapshot = CredentialSnapshot.of(cred, team)
-        self._cache.put((team, name), snapshot, epoch)
-        return snapshot
+            found = await find_many_for_vend(session, {(team, name) for team, name, _ in keys})
+        out: dict[tuple[str, str, int], CredentialSnapshot | Exception] = {}
+        for key in keys:
+            team, name, _ = key
+            cred = found[(team, name)]
+            if isinstance(cred, Exception):
+                out[key] = cred
+                continue
+            snapshot = out[key] = CredentialSnapshot.of(cred, team)
+            self._cache.put((team, name), snapshot, epoch)
+        return out
 
     async def by_id(self, cred_id: uuid.UUID) -> CredentialSnapshot | None:
         async with self._sessionmaker() as session:

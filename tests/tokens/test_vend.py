@@ -8,6 +8,8 @@ import pytest
 from fastapi import FastAPI
 from jose import jwt as jose_jwt
 from redis.asyncio import Redis
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from app.integrations.phrase.dev_idm import DevIdmMode
 from app.main import create_app
@@ -209,6 +211,38 @@ class TestConcurrency:
         assert len({r.json()["access_token"] for r in responses}) == 1
         assert env.idm.exchanges == 1
         assert env.idm.requests == 1
+
+    async def test_a_burst_for_many_cold_credentials_reads_and_stamps_them_in_batches(
+        self, http: httpx.AsyncClient, api: Api, env: Env
+    ) -> None:
+        """A transaction per cold credential (to find it, then to note its exchange) would drain
+        the connection pool in a burst; concurrent ones share a query instead."""
+        teams = [f"team-{i}" for i in range(40)]
+        for team in teams:
+            await api.team(team)
+            await api.credential(team)
+        _, client = await api.client(teams)
+        env.idm.set_mode(DevIdmMode(delay_ms=50))
+        statements: list[str] = []
+
+        def note(conn: object, cursor: object, statement: str, *args: object) -> None:
+            statements.append(" ".join(statement.split()).lower())
+
+        event.listen(Engine, "before_cursor_execute", note)
+        try:
+            responses = await asyncio.gather(*(vend(http, client, t) for t in teams * 3))
+        finally:
+            event.remove(Engine, "before_cursor_execute", note)
+
+        assert [r.status_code for r in responses] == [200] * 120
+        assert env.idm.exchanges == 40
+        lookups = [s for s in statements if s.startswith("select") and "credentials" in s]
+        stamps = [s for s in statements if s.startswith("update credentials")]
+        assert 0 < len(lookups) <= 10, lookups
+        assert 0 < len(stamps) <= 20, stamps  # two statements a batch
+        for team in teams:
+            r = await http.get(f"/v1/teams/{team}/credentials/default", headers=api.admin)
+            assert r.json()["last_exchange_at"] is not None, team
 
     @pytest.mark.parametrize("backend", ["postgres-redis"], indirect=True)
     async def test_two_app_instances_sharing_a_cache_exchange_once(
