@@ -3,7 +3,7 @@
 One route with tokenvend's path shape: check the bearer header against a constant, do one Redis
 GET (redis-py asyncio, hiredis parser) and return the value as JSON the idiomatic FastAPI way
 (a dict, serialized by FastAPI). Served by uvicorn with the options `tokenvend serve` uses: uvloop,
-httptools, one worker, no server header; its access log is off.
+httptools, no server header; its access log is off.
 
 Configured by the benchmark through the environment: `BENCH_REF_REDIS_URL`, `BENCH_REF_KEY` (the
 Redis key holding a JWT-sized value) and `BENCH_REF_TOKEN` (the bearer token it accepts).
@@ -61,13 +61,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     uvicorn.run(
         "bench.reference:create_app",
         factory=True,
         host=args.host,
         port=args.port,
-        workers=1,
+        workers=args.workers,
         loop="uvloop",
         http="httptools",
         access_log=False,

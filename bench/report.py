@@ -56,10 +56,11 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
     if cached and "workers_ratio_rps" in cached:
         ratio = cached["workers_ratio_rps"]["median"]
         valid = cached["median"]["tokenvend-w2"]["valid"]
+        machine = cached.get("reference_workers_ratio_rps")
         out.append(
             Verdict(
                 "cached vend: 2 workers vs 1 worker throughput",
-                _x(ratio),
+                _x(ratio) + (f" (reference {_x(machine['median'])})" if machine else ""),
                 ">= 1.60x",
                 ratio >= 1.6 if valid else None,
             )
@@ -153,6 +154,7 @@ def render(results: dict[str, Any]) -> str:
             ("ratio_p99", "p99 tokenvend-w1 / reference"),
             ("ratio_cpu", "server CPU per request tokenvend-w1 / reference"),
             ("workers_ratio_rps", "throughput tokenvend-w2 / tokenvend-w1"),
+            ("reference_workers_ratio_rps", "throughput reference-w2 / reference (the machine)"),
         ):
             if key in cached:
                 per_round = " ".join(f"{v:.2f}" for v in cached[key]["rounds"])

@@ -206,19 +206,12 @@ async def cached(ctx: Context, *, with_reference: bool, with_workers: bool) -> d
     targets = []
     if with_reference:
         assert stack.reference is not None
-        targets.append(
-            Target(
-                "reference",
-                stack.reference.port,
-                {"Authorization": f"Bearer {stack.reference_token}"},
-                TOKEN_PATH.format(team=BENCH_TEAM),
-                has_metrics=False,
-                pids=tuple(stack.reference.worker_pids()),
-            )
-        )
+        targets.append(_reference_target("reference", stack.reference, stack))
     targets.append(_token_target("tokenvend-w1", ctx.w1, ctx.service, BENCH_TEAM))
     if with_workers:
         targets.append(_token_target("tokenvend-w2", stack.servers[2], ctx.service, BENCH_TEAM))
+        if with_reference:
+            targets.append(_reference_target("reference-w2", stack.references[2], stack))
     rounds = await rotation(ctx, targets, label="cached")
     result: dict[str, Any] = {"rounds": rounds, "median": summarize(rounds)}
     if with_reference:
@@ -233,7 +226,21 @@ async def cached(ctx: Context, *, with_reference: bool, with_workers: bool) -> d
     if with_workers:
         scaling = round_ratios(rounds, "tokenvend-w2", "tokenvend-w1", "rps")
         result["workers_ratio_rps"] = {"rounds": scaling, "median": median(scaling)}
+        if with_reference:
+            scaling = round_ratios(rounds, "reference-w2", "reference", "rps")
+            result["reference_workers_ratio_rps"] = {"rounds": scaling, "median": median(scaling)}
     return result
+
+
+def _reference_target(name: str, server: HttpServer, stack: Stack) -> Target:
+    return Target(
+        name,
+        server.port,
+        {"Authorization": f"Bearer {stack.reference_token}"},
+        TOKEN_PATH.format(team=BENCH_TEAM),
+        has_metrics=False,
+        pids=tuple(server.worker_pids()),
+    )
 
 
 async def _idm_state(http: httpx.AsyncClient) -> dict[str, Any]:

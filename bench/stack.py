@@ -218,7 +218,7 @@ class Stack:
     encryption_keys: str = field(init=False)
     idm: HttpServer = field(init=False)
     servers: dict[int, HttpServer] = field(init=False, default_factory=dict)
-    reference: HttpServer | None = field(init=False, default=None)
+    references: dict[int, HttpServer] = field(init=False, default_factory=dict)
     reference_token: str = field(init=False)
     _children: list[Child] = field(init=False, default_factory=list)
     _db_created: bool = field(init=False, default=False)
@@ -309,23 +309,40 @@ class Stack:
             self._launch(server)
             await server.wait_ready()
         if self.want_reference:
-            port = free_port()
-            self.reference = HttpServer(
-                "reference",
-                [sys.executable, "-m", "bench.reference", "--host", LOOPBACK, "--port", str(port)],
-                child_environ(
-                    {
-                        "BENCH_REF_REDIS_URL": self.redis_url,
-                        "BENCH_REF_KEY": self.reference_key,
-                        "BENCH_REF_TOKEN": self.reference_token,
-                    }
-                ),
-                self.workdir,
-                port,
-                "/healthz",
-            )
-            self._launch(self.reference)
-            await self.reference.wait_ready()
+            # With as many workers as tokenvend gets: what a bare app scales to on this machine.
+            for workers in sorted(self.want_workers):
+                port = free_port()
+                reference = HttpServer(
+                    f"reference-w{workers}",
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.reference",
+                        "--host",
+                        LOOPBACK,
+                        "--port",
+                        str(port),
+                        "--workers",
+                        str(workers),
+                    ],
+                    child_environ(
+                        {
+                            "BENCH_REF_REDIS_URL": self.redis_url,
+                            "BENCH_REF_KEY": self.reference_key,
+                            "BENCH_REF_TOKEN": self.reference_token,
+                        }
+                    ),
+                    self.workdir,
+                    port,
+                    "/healthz",
+                )
+                self.references[workers] = reference
+                self._launch(reference)
+                await reference.wait_ready()
+
+    @property
+    def reference(self) -> HttpServer | None:
+        return self.references.get(1)
 
     def _launch(self, child: Child) -> None:
         self._children.append(child)
