@@ -155,6 +155,7 @@ def render(results: dict[str, Any]) -> str:
             ("ratio_cpu", "server CPU per request tokenvend-w1 / reference"),
             ("workers_ratio_rps", "throughput tokenvend-w2 / tokenvend-w1"),
             ("reference_workers_ratio_rps", "throughput reference-w2 / reference (the machine)"),
+            ("ratio_rps_w2", "throughput tokenvend-w2 / reference-w2"),
         ):
             if key in cached:
                 per_round = " ".join(f"{v:.2f}" for v in cached[key]["rounds"])

@@ -229,6 +229,8 @@ async def cached(ctx: Context, *, with_reference: bool, with_workers: bool) -> d
         if with_reference:
             scaling = round_ratios(rounds, "reference-w2", "reference", "rps")
             result["reference_workers_ratio_rps"] = {"rounds": scaling, "median": median(scaling)}
+            versus = round_ratios(rounds, "tokenvend-w2", "reference-w2", "rps")
+            result["ratio_rps_w2"] = {"rounds": versus, "median": median(versus)}
     return result
 
 

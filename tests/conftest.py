@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from redis.asyncio import Redis
 
 from app.auth import keys
 from app.cli import upgrade_database
@@ -182,3 +183,18 @@ class Api:
 @pytest.fixture
 def api(http: httpx.AsyncClient, env: Env) -> Api:
     return Api(http, env.admin_key)
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A Redis key prefix of its own, removed afterwards (sync, so async fixtures can ask)."""
+    with redis_prefix() as prefix:
+        yield prefix
+
+
+@pytest.fixture
+async def redis(prefix: str) -> AsyncIterator[Redis]:
+    """A client of the test Redis; keys go under `prefix`."""
+    client = Redis.from_url(REDIS_URL)
+    yield client
+    await client.aclose()

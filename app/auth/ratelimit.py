@@ -4,8 +4,9 @@ timestamp), shared by every replica through Redis, per process while Redis is un
 A client may send `rate` requests per second on average with bursts of up to `burst`; beyond that
 it gets 429 `rate-limited` with the `Retry-After` that would have let the request through.
 
-The check is the one Redis round trip of an authenticated request, so it also carries the read of
-the cache generation (`app.core.localcache`): both in one pipeline.
+The check is the one Redis call of an authenticated request, so it also carries the read of the
+cache generation (`app.core.localcache`): both in one script, whose calls from concurrent requests
+share round trips (`app.core.autopipeline`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import time
 import uuid
 
 from redis.asyncio import Redis, RedisCluster
+from redis.commands.core import AsyncScript
 
+from app.core.autopipeline import ScriptPipeline
 from app.core.errors import TokenvendError
 from app.core.localcache import Invalidation
 from app.tokens.cache import REDIS_FAILURES, RedisGate
@@ -77,9 +80,14 @@ class RateLimiter:
         self._inv = invalidation
         self._burst = burst
         self._cluster = isinstance(redis, RedisCluster)
-        self._script = None
+        self._script: ScriptPipeline | AsyncScript | None = None
         if redis is not None:
-            self._script = redis.register_script(_GCRA if self._cluster else _GCRA_AND_GENERATION)
+            # Outside a cluster, concurrent requests' checks share round trips.
+            self._script = (
+                redis.register_script(_GCRA)
+                if self._cluster
+                else ScriptPipeline(redis, _GCRA_AND_GENERATION)
+            )
         self._local: dict[uuid.UUID, tuple[float, float]] = {}  # tat, interval
 
     async def admit(self, client_id: uuid.UUID, rate: float) -> float:
@@ -98,7 +106,7 @@ class RateLimiter:
                         self._redis.get(self._inv.key), self._script(keys=keys, args=args)
                     )
                 else:
-                    # One EVALSHA (a pipeline would add a SCRIPT EXISTS round trip every time).
+                    # EVALSHA, pipelined with other requests' (no SCRIPT EXISTS round trips).
                     wait, generation = await self._script(keys=[*keys, self._inv.key], args=args)
                 self._gate.ok()
             except REDIS_FAILURES as exc:

@@ -5,30 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
 from app.core.crypto import Keyring
 from app.tokens.cache import CachedJwt, MemoryCache, RedisCache, TokenCache
-from tests.fixtures.services import REDIS_URL, redis_prefix
+from tests.fixtures.services import REDIS_URL
 
 KEYRING = Keyring.parse(Keyring.generate_spec("cache"))
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    """A key prefix of this test's own, removed afterwards (sync, so async fixtures can ask)."""
-    with redis_prefix() as prefix:
-        yield prefix
-
-
-@pytest.fixture
-async def redis(prefix: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(REDIS_URL)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture(params=["memory", "redis"])
