@@ -126,6 +126,7 @@ def _load_rows(summary: dict[str, dict[str, Any]]) -> list[list[str]]:
             f"{m['p50_ms']:.2f}",
             f"{m['p99_ms']:.2f}",
             f"{m.get('cpu_us_per_request', float('nan')):.0f}",
+            f"{m.get('machine_busy_pct', float('nan')):.0f} %",
             f"{m.get('db_tx_per_1k', float('nan')):.1f}",
             "yes" if m["valid"] else "NO (non-2xx or errors)",
         ]
@@ -141,7 +142,16 @@ def render(results: dict[str, Any]) -> str:
         f"rounds={meta['rounds']} x {meta['duration_s']:g} s  cpus={meta['cpus']}  "
         f"mode={'quick' if meta['quick'] else 'full'}"
     )
-    header = ["target", "req/s", "p50 ms", "p99 ms", "cpu us/req", "db tx/1k req", "valid"]
+    header = [
+        "target",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "cpu us/req",
+        "machine busy",
+        "db tx/1k req",
+        "valid",
+    ]
     cached = results.get("cached")
     if cached:
         parts.append(

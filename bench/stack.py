@@ -195,6 +195,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    total = sum(values)
+    return total - idle, total
+
+
 def tokenvend_argv(*args: str) -> list[str]:
     script = Path(sys.executable).with_name("tokenvend")
     if script.exists():
