@@ -18,6 +18,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import hmac
+import itertools
 import logging
 import random
 import time
@@ -162,7 +163,10 @@ class Broker:
         self._refresh_jitter = refresh_jitter
         self._on_status_change = on_status_change
         self._inflight: dict[tuple[uuid.UUID, int], asyncio.Task[CachedJwt]] = {}
-        self._exchanged: Batcher[tuple[uuid.UUID, int], bool] = Batcher(self._record_exchanged)
+        # Keyed by exchange, not by credential: two exchanges of one credential waiting in one
+        # batch must not both report its recovery.
+        self._exchanged: Batcher[tuple[uuid.UUID, int, int], bool] = Batcher(self._record_exchanged)
+        self._exchange_ids = itertools.count()
 
     @property
     def inflight(self) -> int:
@@ -353,7 +357,9 @@ class Broker:
         recovered) exactly once, however many replicas race. Best effort: the JWT matters more."""
         try:
             if rejected is None:
-                changed = await self._exchanged.load((cred.id, cred.version))
+                changed = await self._exchanged.load(
+                    (cred.id, cred.version, next(self._exchange_ids))
+                )
             else:
                 changed = await self._record_rejected(cred, rejected)
         except (SQLAlchemyError, OSError):
@@ -366,12 +372,13 @@ class Broker:
             self._on_status_change(cred, event, rejected)
 
     async def _record_exchanged(
-        self, keys: list[tuple[uuid.UUID, int]]
-    ) -> dict[tuple[uuid.UUID, int], bool]:
+        self, keys: list[tuple[uuid.UUID, int, int]]
+    ) -> dict[tuple[uuid.UUID, int, int], bool]:
         """Successful exchanges, batched (a cold burst's hundred make one transaction): stamp
-        `last_exchange_at`, and bring rejected credentials back; True for those recovered."""
+        `last_exchange_at`, and bring rejected credentials back; True for the one exchange that
+        recovered each."""
         rows = _CREDENTIALS.c
-        these = tuple_(rows.id, rows.version).in_(keys)
+        these = tuple_(rows.id, rows.version).in_(list({(cred_id, v) for cred_id, v, _ in keys}))
         async with self._sessionmaker() as session, session.begin():
             await session.execute(
                 update(_CREDENTIALS)
@@ -385,7 +392,11 @@ class Broker:
                 .returning(rows.id, rows.version)
             )
             back = {(row.id, row.version) for row in recovered}
-        return {key: key in back for key in keys}
+        out = {}
+        for cred_id, version, exchange in keys:
+            out[(cred_id, version, exchange)] = (cred_id, version) in back
+            back.discard((cred_id, version))
+        return out
 
     async def _record_rejected(self, cred: CredentialSnapshot, code: str) -> bool:
         rows = _CREDENTIALS.c

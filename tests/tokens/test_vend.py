@@ -8,9 +8,10 @@ import pytest
 from fastapi import FastAPI
 from jose import jwt as jose_jwt
 from redis.asyncio import Redis
-from sqlalchemy import event
+from sqlalchemy import event, update
 from sqlalchemy.engine import Engine
 
+from app.credentials.models import Credential, CredentialStatus
 from app.integrations.phrase.dev_idm import DevIdmMode
 from app.main import create_app
 from tests.conftest import Api, Env
@@ -243,6 +244,30 @@ class TestConcurrency:
         for team in teams:
             r = await http.get(f"/v1/teams/{team}/credentials/default", headers=api.admin)
             assert r.json()["last_exchange_at"] is not None, team
+
+    async def test_two_exchanges_noted_in_one_batch_report_one_recovery(
+        self, app: FastAPI, api: Api
+    ) -> None:
+        """Two exchanges of a rejected credential whose notes share a batch: it recovers once."""
+        await api.team()
+        await api.credential()
+        infra = app.state.infra
+        cred = await infra.directory.find("acme", "default")
+        async with infra.sessionmaker() as session, session.begin():
+            await session.execute(
+                update(Credential)
+                .where(Credential.id == cred.id)
+                .values(status=CredentialStatus.REJECTED, last_error_code="invalid_grant")
+            )
+        events: list[str] = []
+        infra.broker._on_status_change = lambda _cred, event, _code: events.append(event)
+
+        await asyncio.gather(*(infra.broker._record(cred, rejected=None) for _ in range(3)))
+
+        assert events == ["credential.recovered"]
+        r = await api.http.get("/v1/teams/acme/credentials/default", headers=api.admin)
+        assert r.json()["status"] == "active"
+        assert r.json()["last_exchange_at"] is not None
 
     @pytest.mark.parametrize("backend", ["postgres-redis"], indirect=True)
     async def test_two_app_instances_sharing_a_cache_exchange_once(
