@@ -92,15 +92,8 @@ class Warm:
     jwt: str
 
 
-HUNG_PRE_PING = pytest.mark.xfail(
-    strict=True,
-    reason="gap: with PostgreSQL hung, the query gives up after command_timeout (db_timeout) "
-    "but closing the dead connection waits once more: the first admin request takes ~2 s",
-)
-
-
 class TestDatabaseDown:
-    @pytest.mark.parametrize("mode", ["refuse", pytest.param("hang", marks=HUNG_PRE_PING)])
+    @pytest.mark.parametrize("mode", ["refuse", "hang"])
     async def test_admin_routes_fail_fast_with_a_clean_503(
         self, env: Env, pg_proxy: TcpProxy, mode: CutMode
     ) -> None:

@@ -100,6 +100,18 @@ def create_engine(settings: Settings) -> AsyncEngine:
             },
         }
     engine = create_async_engine(url, **kwargs)
+    if not settings.is_sqlite:
+
+        @event.listens_for(engine.sync_engine, "invalidate")
+        def _drop_at_once(dbapi_conn: Any, _record: Any, _exc: BaseException | None) -> None:
+            # A connection discarded after an error (a timeout: the server may be hung). Left to
+            # itself, SQLAlchemy first tries a graceful close, which waits for the server once
+            # more (about a second on a hung one) before it gives up; the request waits with it.
+            # Closing the socket at once tells the server just as well.
+            driver = getattr(dbapi_conn, "driver_connection", None)
+            if driver is not None and not driver.is_closed():
+                driver.terminate()
+
     if settings.is_sqlite:
 
         @event.listens_for(engine.sync_engine, "connect")
