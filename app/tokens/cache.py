@@ -521,11 +521,19 @@ class TieredCache:
         """Cheap: a set add on the hot path; `flush_vended` ships the set to Redis once a tick."""
         self._vended_unsent.add(cred_id)
 
-    async def flush_vended(self) -> None:
+    async def flush_vended(self, resolution: float = 0.0) -> None:
+        """Ship what was vended since the last flush to Redis, leaving out credentials shipped
+        less than `resolution` seconds ago: the refresher asks "vended within the window?", so a
+        sixtieth of the window is precision enough, and a replica serving thousands of
+        credentials sends a few of them a second instead of all of them every tick."""
         if not self._vended_unsent:
             return
         now = time.time()
         batch, self._vended_unsent = self._vended_unsent, set()
+        if resolution > 0:
+            batch = {c for c in batch if now - self._vended.get(c, 0.0) >= resolution}
+            if not batch:
+                return
         for cred_id in batch:
             self._vended[cred_id] = now
         await self._try("vended", lambda r: r.mark_vended(batch, now))

@@ -85,7 +85,7 @@ class Refresher:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                await self._cache.flush_vended()
+                await self._cache.flush_vended(resolution=self._window / 60)
                 if not await self._lead():
                     REFRESHER_RUNS.labels("not_leader").inc()
                     continue

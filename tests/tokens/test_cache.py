@@ -11,7 +11,8 @@ import pytest
 from redis.asyncio import Redis
 
 from app.core.crypto import Keyring
-from app.tokens.cache import CachedJwt, MemoryCache, RedisCache, TokenCache
+from app.core.localcache import Invalidation
+from app.tokens.cache import CachedJwt, MemoryCache, RedisCache, TieredCache, TokenCache
 from tests.fixtures.services import REDIS_URL
 
 KEYRING = Keyring.parse(Keyring.generate_spec("cache"))
@@ -127,3 +128,27 @@ class TestRedisLayout:
         await cache.put(cid, 1, jwt(3600), 60)
         await cache.purge(cid, 1)
         assert await redis.zscore(f"{prefix}expiry", f"{cid}:1") is None
+
+
+async def test_vends_are_shipped_to_redis_once_per_resolution(redis: Redis, prefix: str) -> None:
+    """The refresher only asks "vended within the window?": a credential vended again soon after
+    it was shipped is not shipped again until `resolution` has passed."""
+    shared = RedisCache(redis, KEYRING, prefix)
+    cache = TieredCache(shared, Invalidation(redis, f"{prefix}generation"))
+    cid = uuid.uuid4()
+
+    cache.note_vended(cid)
+    await cache.flush_vended(resolution=60)
+    first = await shared.last_vended(cid)
+    assert first is not None
+
+    await asyncio.sleep(0.05)
+    cache.note_vended(cid)
+    await cache.flush_vended(resolution=60)
+    assert await shared.last_vended(cid) == first  # within the resolution: not sent again
+
+    cache.note_vended(cid)
+    await cache.flush_vended()  # no resolution: every vend is shipped
+    later = await shared.last_vended(cid)
+    assert later is not None
+    assert later > first
