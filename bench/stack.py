@@ -288,65 +288,54 @@ class Stack:
         await asyncio.to_thread(upgrade_database, self.database_url)
 
         port = free_port()
-        self.idm = HttpServer(
+        self.idm = await self._serve(
             "dev-idm",
-            tokenvend_argv("dev-idm", "--host", LOOPBACK, "--port", str(port)),
-            child_environ({}),
-            self.workdir,
             port,
+            tokenvend_argv("dev-idm", "--host", LOOPBACK, "--port", str(port)),
+            {},
             "/_dev/state",
         )
-        self._launch(self.idm)
-        await self.idm.wait_ready()
-
         # One at a time: each server makes sure the bootstrap admin exists at start, and two
         # first starts racing to insert it would collide.
         for workers in sorted(self.want_workers):
             port = free_port()
-            server = HttpServer(
+            self.servers[workers] = await self._serve(
                 f"tokenvend-w{workers}",
+                port,
                 tokenvend_argv(
                     "serve", "--host", LOOPBACK, "--port", str(port), "--workers", str(workers)
                 ),
-                child_environ(self.tokenvend_env()),
-                self.workdir,
-                port,
+                self.tokenvend_env(),
                 "/readyz",
             )
-            self.servers[workers] = server
-            self._launch(server)
-            await server.wait_ready()
         if self.want_reference:
             # With as many workers as tokenvend gets: what a bare app scales to on this machine.
+            reference_env = {
+                "BENCH_REF_REDIS_URL": self.redis_url,
+                "BENCH_REF_KEY": self.reference_key,
+                "BENCH_REF_TOKEN": self.reference_token,
+            }
             for workers in sorted(self.want_workers):
                 port = free_port()
-                reference = HttpServer(
+                self.references[workers] = await self._serve(
                     f"reference-w{workers}",
-                    [
-                        sys.executable,
-                        "-m",
-                        "bench.reference",
-                        "--host",
-                        LOOPBACK,
-                        "--port",
-                        str(port),
-                        "--workers",
-                        str(workers),
-                    ],
-                    child_environ(
-                        {
-                            "BENCH_REF_REDIS_URL": self.redis_url,
-                            "BENCH_REF_KEY": self.reference_key,
-                            "BENCH_REF_TOKEN": self.reference_token,
-                        }
-                    ),
-                    self.workdir,
                     port,
+                    [
+                        *(sys.executable, "-m", "bench.reference", "--host", LOOPBACK),
+                        *("--port", str(port), "--workers", str(workers)),
+                    ],
+                    reference_env,
                     "/healthz",
                 )
-                self.references[workers] = reference
-                self._launch(reference)
-                await reference.wait_ready()
+
+    async def _serve(
+        self, name: str, port: int, argv: list[str], env: Mapping[str, str], health: str
+    ) -> HttpServer:
+        """Start a server and wait until `health` answers."""
+        server = HttpServer(name, argv, child_environ(env), self.workdir, port, health)
+        self._launch(server)
+        await server.wait_ready()
+        return server
 
     @property
     def reference(self) -> HttpServer | None:

@@ -175,13 +175,16 @@ class Coalescer(Generic[K, V]):
 
 
 class Batcher(Generic[K, V]):
-    """Concurrent loads share one query. The first key starts a batch at once (idle, a load costs
-    what it always did); keys asked for while that batch runs wait for the next one, which takes
-    all of them. So a burst of a hundred cold keys makes a handful of queries on one pooled
+    """Concurrent loads share one round trip. The first key starts a batch at once (idle, a load
+    costs what it always did); keys asked for while that batch runs wait for the next one, which
+    takes all of them. So a burst of a hundred cold keys makes a handful of queries on one pooled
     connection instead of a hundred transactions that drain the pool and open new connections.
 
     `load_many` returns, for each key, its value or the exception its callers get; a key it leaves
-    out, or a failure of the whole batch, fails that key's callers. Equal keys share one load.
+    out fails its callers. Equal keys share one load. When `load_many` itself fails (the database
+    or Redis down or hung), that batch's callers get its error, and so do the keys queued behind
+    it: they would only meet the same failure, one timeout later. At shutdown (the batch task
+    cancelled) every waiting caller gets `cancelled_error`.
     """
 
     def __init__(
@@ -189,14 +192,26 @@ class Batcher(Generic[K, V]):
         load_many: Callable[[list[K]], Coroutine[Any, Any, Mapping[K, V | Exception]]],
         *,
         max_batch: int = 100,
+        cancelled_error: type[Exception] = RuntimeError,
     ) -> None:
         self._load_many = load_many
         self._max_batch = max_batch
+        self._cancelled_error = cancelled_error
         self._futures: dict[K, asyncio.Future[V]] = {}  # queued or being loaded
         self._queue: list[K] = []
         self._task: asyncio.Task[None] | None = None
 
     async def load(self, key: K) -> V:
+        # Shielded: one caller giving up must not cancel the load the others wait for.
+        return await asyncio.shield(self._future(key))
+
+    async def load_own(self, key: K) -> V:
+        """`load` for a key nobody else asks for (a numbered call): no shield, a few microseconds
+        less per call on the hot path; a caller giving up cancels only its own result (the key is
+        loaded all the same)."""
+        return await self._future(key)
+
+    def _future(self, key: K) -> asyncio.Future[V]:
         future = self._futures.get(key)
         if future is None:
             future = asyncio.get_running_loop().create_future()
@@ -206,8 +221,7 @@ class Batcher(Generic[K, V]):
             self._queue.append(key)
             if self._task is None:
                 self._task = asyncio.create_task(self._run())
-        # Shielded: one caller giving up must not cancel the load the others wait for.
-        return await asyncio.shield(future)
+        return future
 
     async def _run(self) -> None:
         try:
@@ -217,14 +231,18 @@ class Batcher(Generic[K, V]):
                 try:
                     results: Mapping[K, V | Exception] = await self._load_many(keys)
                 except Exception as exc:
+                    keys += self._queue
+                    self._queue.clear()
                     results = dict.fromkeys(keys, exc)
                 for key in keys:
                     future = self._futures.pop(key)
+                    if future.done():  # its only caller gave up (`load_own`)
+                        continue
                     result = results.get(key)
                     if isinstance(result, Exception):
                         future.set_exception(result)
                     elif result is None and key not in results:
-                        future.set_exception(LookupError(f"the batch left {key!r} out"))
+                        future.set_exception(LookupError("the batch left a key out"))
                     else:
                         future.set_result(result)  # type: ignore[arg-type]
         finally:
@@ -232,6 +250,6 @@ class Batcher(Generic[K, V]):
             # Cancelled (shutdown): nobody will load what is left, so nobody may wait for it.
             for future in self._futures.values():
                 if not future.done():
-                    future.set_exception(RuntimeError("the batch was cancelled"))
+                    future.set_exception(self._cancelled_error("the batch was cancelled"))
             self._futures.clear()
             self._queue.clear()

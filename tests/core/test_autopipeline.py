@@ -146,8 +146,9 @@ async def test_a_cancelled_pipeline_fails_its_callers_as_redis_unavailable(prefi
         try:
             waiting = [asyncio.create_task(calls([f"{prefix}c"], [str(i)])) for i in range(3)]
             await asyncio.sleep(0.1)
-            assert calls._task is not None
-            calls._task.cancel()
+            batch = calls._calls._task
+            assert batch is not None
+            batch.cancel()
             results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 1.0)
         finally:
             await client.aclose()

@@ -69,7 +69,7 @@ async def test_a_key_answered_with_an_exception_fails_only_its_callers() -> None
     assert isinstance(results[1], KeyError)
 
 
-async def test_a_failed_batch_fails_its_callers_and_the_next_batch_still_runs() -> None:
+async def test_a_failed_batch_fails_the_keys_queued_behind_it_and_nothing_stays_stuck() -> None:
     load = Recorder(broken=True)
     load.gate.clear()
     batcher: Batcher[str, str] = Batcher(load)
@@ -80,9 +80,20 @@ async def test_a_failed_batch_fails_its_callers_and_the_next_batch_still_runs() 
         await first
     with pytest.raises(ConnectionError):
         await second
-    assert load.batches == [["a"], ["b"]]
+    assert load.batches == [["a"]]  # "b" met a's failure instead of a second one
     load.broken = False
     assert await batcher.load("a") == "A"  # nothing stuck
+
+
+async def test_a_cancelled_batch_fails_its_callers_with_the_error_chosen() -> None:
+    load = Recorder()
+    load.gate.clear()
+    batcher: Batcher[str, str] = Batcher(load, cancelled_error=LookupError)
+    waiting = [await started(batcher, k) for k in "ab"]
+    assert batcher._task is not None
+    batcher._task.cancel()
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(r, LookupError) for r in results), results
 
 
 async def test_a_caller_giving_up_does_not_cancel_the_load_for_the_others() -> None:
@@ -104,3 +115,20 @@ async def test_a_key_left_out_of_the_answer_fails_instead_of_hanging() -> None:
     batcher: Batcher[str, str] = Batcher(forgetful)
     with pytest.raises(LookupError):
         await asyncio.wait_for(batcher.load("a"), 1.0)
+
+
+async def test_an_own_load_given_up_cancels_only_its_result_and_the_batch_goes_on() -> None:
+    load = Recorder()
+    load.gate.clear()
+    batcher: Batcher[str, str] = Batcher(load)
+    running = await started(batcher, "a")
+    given_up = asyncio.create_task(batcher.load_own("b"))
+    kept = asyncio.create_task(batcher.load_own("c"))
+    await asyncio.sleep(0)
+    given_up.cancel()
+    load.gate.set()
+
+    assert await running == "A"
+    assert await kept == "C"
+    assert given_up.cancelled()
+    assert load.batches == [["a"], ["b", "c"]]  # "b" was loaded all the same
