@@ -51,6 +51,9 @@ class Infra:
     audit: AuditLog
 
 
+CLUSTER_MAX_CONNECTIONS = 10_000  # per node; Redis's default maxclients
+
+
 def create_redis(settings: Settings) -> Redis:
     assert settings.redis_url is not None
     # Short timeouts and no retries: a hung Redis must cost a request milliseconds, not the
@@ -59,7 +62,6 @@ def create_redis(settings: Settings) -> Redis:
         "socket_timeout": settings.redis_timeout_seconds,
         "socket_connect_timeout": settings.redis_timeout_seconds,
         "retry": Retry(NoBackoff(), 0),
-        "max_connections": settings.redis_max_connections,
         # A burst opens connections by the dozen. Left to itself redis-py reads its own version
         # from the package metadata for every new connection: about 1.6 ms of CPU each.
         "driver_info": DriverInfo(lib_version=version("redis")),
@@ -67,8 +69,17 @@ def create_redis(settings: Settings) -> Redis:
     url = settings.redis_url.get_secret_value()
     if settings.redis_cluster:
         # Every key tokenvend writes carries a hash tag, so a credential's entry, lock and
-        # negative cache share a slot and its scripts run on one shard.
-        cluster = RedisCluster.from_url(url, cluster_error_retry_attempts=1, **options)
+        # negative cache share a slot and its scripts run on one shard. No connection cap of
+        # ours: redis-py's cluster client cannot wait for a free connection, so a cap (its own
+        # default is 100 a node) fails a burst's commands with MaxConnectionsError, sends the
+        # worker into degraded mode and lets it exchange under a local lock: a second exchange
+        # for the credential. Redis's own limit (maxclients, 10,000 by default) still holds.
+        cluster = RedisCluster.from_url(
+            url,
+            cluster_error_retry_attempts=1,
+            max_connections=CLUSTER_MAX_CONNECTIONS,
+            **options,
+        )
         return cast(Redis, cluster)  # the same command surface for what tokenvend uses
     # A blocking pool: in a burst, a command waits for a free connection (up to the timeout)
     # rather than failing with "too many connections" and sending the worker into degraded mode.
@@ -76,6 +87,7 @@ def create_redis(settings: Settings) -> Redis:
     # a round trip and about 0.5 ms of CPU less per new connection.
     pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=settings.redis_max_connections,
         timeout=settings.redis_timeout_seconds,
         health_check_interval=30,
         maint_notifications_config=MaintNotificationsConfig(enabled=False),

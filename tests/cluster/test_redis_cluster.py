@@ -179,12 +179,17 @@ class TestRedisCluster:
         a, b, admin, idm = servers
         client = await seed(a.url, admin)
         idm.set_mode(DevIdmMode(delay_ms=300))
-        async with httpx.AsyncClient(headers=client, timeout=10) as http:
+        # 150 at once per process: more commands in flight than TOKENVEND_REDIS_MAX_CONNECTIONS,
+        # which must not cap the cluster client (it cannot wait; it would fail into degraded
+        # mode and exchange under a local lock).
+        limits = httpx.Limits(max_connections=None)
+        async with httpx.AsyncClient(headers=client, timeout=10, limits=limits) as http:
             responses = await asyncio.gather(
-                *(http.get(f"{s.url}/v1/teams/acme/token") for _ in range(50) for s in (a, b))
+                *(http.get(f"{s.url}/v1/teams/acme/token") for _ in range(150) for s in (a, b))
             )
-            assert [r.status_code for r in responses] == [200] * 100
-            assert len({r.json()["access_token"] for r in responses}) == 1
+            assert [r.status_code for r in responses] == [200] * 300
+            tokens = {r.json()["access_token"] for r in responses}
+            assert len(tokens) == 1, f"a:\n{a.log_tail()}\nb:\n{b.log_tail()}"
             assert idm.exchanges == 1
             again = await http.get(f"{b.url}/v1/teams/acme/token")
         assert again.json()["cache"] == "hit"
